@@ -1,0 +1,1 @@
+"""DeepSpeed ZeRO training for minbert (installed as ``minbert.distributed``)."""

@@ -1,0 +1,1 @@
+"""minbert: multitask fine-tuning of BERT encoders."""

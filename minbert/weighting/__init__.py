@@ -1,0 +1,1 @@
+"""Multitask loss weighting and gradient surgery, one method per file behind one interface."""
