@@ -23,6 +23,7 @@ _EXPORTS = {
     "symmetric_kl_reference": "smart",
     "smart_noise": "smart",
     "smart_noise_reference": "smart",
+    "binary_to_two_class_logits": "smart",
 }
 
 __all__ = sorted(_EXPORTS)
