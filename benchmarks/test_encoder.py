@@ -11,11 +11,14 @@ from minbert import BertModel, default_checkpoint
 BATCH, LENGTH = 32, 128
 
 
-def _batch(vocab):
+def _batch(vocab, padded=True):
+    """Lengths drawn from 1/3..1 of L (realistic fine-tuning padding), or all full (no padding)."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1000, vocab, (BATCH, LENGTH), generator=g)
     lengths = torch.randint(LENGTH // 3, LENGTH + 1, (BATCH,), generator=g)
     lengths[0] = LENGTH
+    if not padded:
+        lengths[:] = LENGTH
     mask = (torch.arange(LENGTH)[None] < lengths[:, None]).long()
     return ids * mask, mask, torch.zeros_like(ids)
 
@@ -35,12 +38,13 @@ def _model(provider):
     return BertModel.from_pretrained(folder, attn_implementation=impl).train()
 
 
+@pytest.mark.parametrize("padding", ["padded", "full"])
 @pytest.mark.parametrize("provider", ["minbert:torch", "minbert:math", "transformers"])
-def test_encoder_fwd_bwd(benchmark, provider):
+def test_encoder_fwd_bwd(benchmark, provider, padding):
     torch.manual_seed(0)
     model = _model(provider)
-    ids, mask, types = _batch(model.config.vocab_size)
-    benchmark.group = f"encoder fwd+bwd B={BATCH} L={LENGTH}"
+    ids, mask, types = _batch(model.config.vocab_size, padded=padding == "padded")
+    benchmark.group = f"encoder fwd+bwd B={BATCH} L={LENGTH} ({padding})"
     benchmark.extra_info.update(provider=provider, threads=torch.get_num_threads())
     benchmark.pedantic(_step, args=(model, ids, mask, types), rounds=8, warmup_rounds=2, iterations=1)
 

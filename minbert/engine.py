@@ -1,0 +1,134 @@
+"""The optimisation engine behind one interface: ``backward(loss)``, ``step()``, ``state_dict()``.
+
+:class:`LocalEngine` is single-process torch (AdamW with decoupled weight decay, gradient
+clipping, an LR scheduler). ``minbert.distributed`` provides the DeepSpeed ZeRO engine with the
+same methods, so the trainer runs unchanged under either.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+
+NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm", "norm.weight")
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: Optional[float] = None,
+                 extra: Iterable[nn.Parameter] = ()) -> List[Dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights; heads may get their own lr."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not any(tag in name for tag in NO_DECAY) and p.dim() > 1
+        is_head = name.startswith("heads.") or name.startswith("relational.")
+        key = (decay, is_head)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr": (head_lr or lr) if is_head else lr, "names": []}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    out = [g for _, g in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    extra = [p for p in extra if p.requires_grad]
+    if extra:
+        out.append({"params": extra, "weight_decay": 0.0, "lr": head_lr or lr, "names": ["weighting"] * len(extra)})
+    for g in out:
+        g["initial_lr"] = g["lr"]
+    return out
+
+
+class LocalEngine:
+    """Single-process engine: gradients accumulate in ``.grad``; ``step`` clips, steps and zeroes."""
+
+    world_size = 1
+    rank = 0
+    is_main = True
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None, grad_clip: float = 0.0):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.grad_clip = grad_clip
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
+
+    def clip_grad_norm(self) -> float:
+        """Clip to ``grad_clip`` (if > 0); returns the norm before clipping (inf/nan when not finite)."""
+        params = [p for p in self.trainable_parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def optimizer_step(self) -> None:
+        """Optimizer step, scheduler step, zero grads."""
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.zero_grad()
+
+    def step(self) -> float:
+        """Clip, then :meth:`optimizer_step`; returns the pre-clip gradient norm."""
+        norm = self.clip_grad_norm()
+        self.optimizer_step()
+        return norm
+
+    def skip_step(self) -> None:
+        """Drop the accumulated gradients of a step that produced a non-finite loss."""
+        self.zero_grad()
+        if self.scheduler is not None:  # the schedule advances: the skipped step keeps its lr slot
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> Dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+
+    def save_checkpoint(self, directory, client_state: Dict) -> None:
+        save_local_checkpoint(f"{directory}/checkpoint.pt", self, client_state)
+
+    def load_checkpoint(self, directory) -> Dict:
+        return load_local_checkpoint(f"{directory}/checkpoint.pt", self)
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+
+def save_local_checkpoint(path, engine: LocalEngine, client_state: Dict) -> None:
+    """One file holding model, optimizer, scheduler and the trainer's client state, written atomically."""
+    from .checkpoints import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save({"engine": engine.state_dict(), "client": client_state}, tmp)
+
+
+def load_local_checkpoint(path, engine: LocalEngine) -> Dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}") from None
+    except Exception as e:
+        raise ValueError(f"--resume: {path} cannot be read ({e})") from None
+    engine.load_state_dict(state["engine"])
+    return state["client"]
+

@@ -1,0 +1,125 @@
+"""One BERT encoder shared by per-task heads.
+
+Data flow for one batch of task ``t`` (see ../shared/DESIGN.md)::
+
+    Batch ──embed──▶ encoder inputs [(B, L, H)] (one per sentence for bi-encoded pairs)
+          ──encode─▶ SentenceFeatures / PairFeatures (token states, mask, pooled vector)
+          ──head───▶ task output: logits (B, C), a logit (B,), or a score (B,)
+
+``embed`` and ``forward(batch, inputs=...)`` are separate so that regularizers (SMART) can perturb
+the encoder inputs, or the input of layer k (``start_layer=k``), and re-run only what follows.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .heads import PairFeatures, SentenceFeatures, build_head
+from .model import BertModel
+from .pooling import pool
+from .train_config import NUM_CLASSES, TaskConfig
+
+
+class MultitaskModel(nn.Module):
+    """``bert`` (a :class:`BertModel`, so its weights keep HF names under ``bert.``) plus ``heads``."""
+
+    def __init__(self, bert: BertModel, tasks: Sequence[TaskConfig]):
+        super().__init__()
+        self.bert = bert
+        self.tasks = {t.name: t for t in tasks}
+        hidden = bert.config.hidden_size
+        shared: Dict[str, nn.Module] = {}  # modules heads share by name (the relational layer)
+        heads = {}
+        for t in tasks:
+            num_classes = NUM_CLASSES[t.name] if t.kind == "classification" else None
+            try:
+                heads[t.name] = build_head(t.head, hidden, t.kind, num_classes=num_classes, shared=shared,
+                                           **t.head_options)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"tasks.{t.name}.head: {e}") from None
+        self.heads = nn.ModuleDict(heads)
+        # When set to k, the next forward keeps the input of encoder layer k of each sentence in
+        # ``self.captured`` (with its autograd graph): SMART at layer k perturbs it and re-runs only
+        # the layers above k. None: nothing is kept.
+        self.capture_layer: Optional[int] = None
+        self.captured: Optional[List[torch.Tensor]] = None
+
+    def train(self, mode: bool = True):
+        """With a frozen encoder (``last-linear-layer``) the encoder stays in eval mode (no dropout)."""
+        super().train(mode)
+        if mode and getattr(self, "freeze_encoder_mode", False):
+            self.bert.eval()
+        return self
+
+    # --- encoder inputs --------------------------------------------------------------------
+    def embed(self, batch) -> List[torch.Tensor]:
+        """Encoder inputs for the batch: one (B, L, H) tensor, or two for a bi-encoded pair."""
+        inputs = [self.bert.embed(batch.input_ids, batch.token_type_ids)]
+        if batch.input_ids_b is not None:
+            inputs.append(self.bert.embed(batch.input_ids_b, batch.token_type_ids_b))
+        return inputs
+
+    def masks(self, batch) -> List[torch.Tensor]:
+        out = [batch.attention_mask]
+        if batch.input_ids_b is not None:
+            out.append(batch.attention_mask_b)
+        return out
+
+    def hidden_at(self, batch, layer: int) -> List[torch.Tensor]:
+        """The input of encoder layer ``layer`` for each sentence (layer 0 = the embedding output)."""
+        if layer == 0:
+            return self.embed(batch)
+        outs = []
+        for inp, mask in zip(self.embed(batch), self.masks(batch)):
+            states = self.bert(attention_mask=mask, encoder_input=inp, output_hidden_states=True).hidden_states
+            outs.append(states[layer])
+        return outs
+
+    # --- forward -----------------------------------------------------------------------------
+    def set_task(self, task: str) -> None:
+        """Tell task-aware submodules (per-task LoRA adapters: anything with ``set_task``) the batch's task."""
+        for module in self.bert.modules():
+            if module is not self and hasattr(module, "set_task"):
+                module.set_task(task)
+
+    def features(self, batch, inputs: Optional[List[torch.Tensor]] = None, start_layer: int = 0):
+        task = self.tasks[batch.task]
+        self.set_task(batch.task)
+        if inputs is None:
+            inputs = self.embed(batch) if start_layer == 0 else self.hidden_at(batch, start_layer)
+        feats = []
+        capture = self.capture_layer
+        self.captured = [] if capture is not None else None
+        for inp, mask in zip(inputs, self.masks(batch)):
+            if capture is not None and capture > start_layer:
+                out = self.bert(attention_mask=mask, encoder_input=inp, start_layer=start_layer, output_hidden_states=True)
+                self.captured.append(out.hidden_states[capture - start_layer])
+            else:
+                if capture is not None:
+                    self.captured.append(inp)
+                out = self.bert(attention_mask=mask, encoder_input=inp, start_layer=start_layer)
+            pooled = pool(out.last_hidden_state, mask, task.pooling, pooler_output=out.pooler_output)  # (B, H)
+            feats.append(SentenceFeatures(hidden=out.last_hidden_state, mask=mask, pooled=pooled))
+        return feats[0] if len(feats) == 1 else PairFeatures(a=feats[0], b=feats[1])
+
+    def forward(self, batch, inputs: Optional[List[torch.Tensor]] = None, start_layer: int = 0) -> torch.Tensor:
+        """The task output for ``batch.task``: logits (B, C), a logit (B,) or a score (B,)."""
+        return self.heads[batch.task](self.features(batch, inputs, start_layer))
+
+    def head_parameters(self) -> List[nn.Parameter]:
+        return [p for p in self.heads.parameters() if p.requires_grad]
+
+    def shared_parameters(self) -> List[nn.Parameter]:
+        """Parameters every task's loss reaches (the encoder), as PCGrad needs them."""
+        return [p for p in self.bert.parameters() if p.requires_grad]
+
+
+def predict_from_output(task: str, output: torch.Tensor) -> torch.Tensor:
+    """Model output -> prediction: class index (sst/cfimdb), 0/1 (quora), score (sts)."""
+    if task in ("sst", "cfimdb"):
+        return output.argmax(-1)
+    if task == "quora":
+        return (output > 0).long()
+    return output

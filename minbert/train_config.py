@@ -1,0 +1,447 @@
+"""Training configuration: one set of dataclasses, read from YAML, patched by ``--set key=value``.
+
+Every key is validated before any training starts. An unknown key or a bad value raises
+:class:`ConfigError` naming the key (``optim.lr``, ``tasks.sst.head``, ...).
+
+Tasks are a list in YAML and are addressed by name in overrides: ``--set tasks.sst.batch_size=16``.
+``--set tasks=sst,sts`` keeps only those tasks (with the recipe's settings for them, else defaults).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid."""
+
+
+TASK_KINDS = {"sst": "classification", "cfimdb": "classification", "quora": "binary", "sts": "regression"}
+NUM_CLASSES = {"sst": 5, "cfimdb": 2, "quora": 1, "sts": 1}
+DEFAULT_FILES = {
+    "sst": ("ids-sst-train.csv", "ids-sst-dev.csv", "ids-sst-test-student.csv"),
+    "cfimdb": ("ids-cfimdb-train.csv", "ids-cfimdb-dev.csv", "ids-cfimdb-test-student.csv"),
+    "quora": ("quora-train.csv", "quora-dev.csv", "quora-test-student.csv"),
+    "sts": ("sts-train.csv", "sts-dev.csv", "sts-test-student.csv"),
+}
+DEFAULT_LOSS = {"sst": "cross_entropy", "cfimdb": "cross_entropy", "quora": "bce_with_logits", "sts": "mse"}
+FINETUNE_MODES = ("full-model", "last-linear-layer", "lora")
+
+
+@dataclass
+class TaskConfig:
+    """One task: files, encoding, head and loss."""
+
+    name: str
+    train_file: Optional[str] = None  # relative to data.dir unless absolute; default from DEFAULT_FILES
+    dev_file: Optional[str] = None
+    test_file: Optional[str] = None
+    max_length: int = 128
+    batch_size: int = 32
+    pooling: str = "cls"  # cls | pooler | mean
+    pair_encoding: str = "cross"  # cross | bi (pair tasks only)
+    head: str = "linear"
+    head_options: Dict[str, Any] = field(default_factory=dict)
+    loss: Optional[str] = None  # default per task (DEFAULT_LOSS)
+    loss_options: Dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0  # used by the "fixed" weighting
+    aux_losses: List[Dict[str, Any]] = field(default_factory=list)  # e.g. [{name: simcse_unsup, weight: 0.1}]
+    smart: Optional[Dict[str, Any]] = None  # per-task SMART overrides (see minbert.smart)
+    max_train_examples: Optional[int] = None  # subsample (seeded) for quick runs
+    max_dev_examples: Optional[int] = None
+
+    def validate(self, prefix: str) -> None:
+        if self.name not in TASK_KINDS:
+            raise ConfigError(f"{prefix}.name: unknown task {self.name!r}; expected one of {sorted(TASK_KINDS)}")
+        _positive_int(f"{prefix}.max_length", self.max_length)
+        _positive_int(f"{prefix}.batch_size", self.batch_size)
+        _choice(f"{prefix}.pooling", self.pooling, ("cls", "pooler", "mean"))
+        _choice(f"{prefix}.pair_encoding", self.pair_encoding, ("cross", "bi"))
+        if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) or self.weight < 0:
+            raise ConfigError(f"{prefix}.weight must be a finite number >= 0, got {self.weight!r}")
+        for key in ("max_train_examples", "max_dev_examples"):
+            if getattr(self, key) is not None:
+                _positive_int(f"{prefix}.{key}", getattr(self, key))
+
+    @property
+    def kind(self) -> str:
+        return TASK_KINDS[self.name]
+
+    @property
+    def is_pair(self) -> bool:
+        return self.name in ("quora", "sts")
+
+    @property
+    def loss_name(self) -> str:
+        return self.loss or DEFAULT_LOSS[self.name]
+
+    def files(self, data_dir: Union[str, Path]) -> Dict[str, Optional[Path]]:
+        defaults = DEFAULT_FILES[self.name]
+        out = {}
+        for split, given, default in zip(("train", "dev", "test"), (self.train_file, self.dev_file, self.test_file), defaults):
+            name = given if given is not None else default
+            out[split] = None if name in (None, "", "none") else (Path(data_dir) / name)
+        return out
+
+
+@dataclass
+class DataConfig:
+    dir: str = "../shared/data/cs224n"
+    bad_rows: str = "error"  # error | skip
+    bucket_by_length: bool = False
+    source: str = "tsv"  # tsv | hub (Hugging Face datasets, needs internet)
+
+    def validate(self, prefix: str) -> None:
+        _choice(f"{prefix}.bad_rows", self.bad_rows, ("error", "skip"))
+        _choice(f"{prefix}.source", self.source, ("tsv", "hub"))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    head_lr: Optional[float] = None  # defaults to lr
+    weight_decay: float = 0.01  # never applied to biases and LayerNorm weights
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "linear"  # constant | linear | exponential
+    warmup_ratio: float = 0.0
+    gamma: float = 0.9  # exponential decay per epoch
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1
+
+    def validate(self, prefix: str) -> None:
+        for key in ("lr", "eps"):
+            _positive_float(f"{prefix}.{key}", getattr(self, key))
+        if self.head_lr is not None:
+            _positive_float(f"{prefix}.head_lr", self.head_lr)
+        for key in ("weight_decay", "grad_clip"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{prefix}.{key} must be a finite number >= 0, got {value!r}")
+        _choice(f"{prefix}.schedule", self.schedule, ("constant", "linear", "exponential"))
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{prefix}.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"{prefix}.gamma must be in (0, 1], got {self.gamma!r}")
+        _positive_int(f"{prefix}.grad_accum", self.grad_accum)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas must be two numbers in [0, 1), got {self.betas!r}")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = "joint"  # joint | round_robin | random | proportional | staged
+    epoch_size: Union[str, int] = "smallest"  # smallest | largest | <steps>
+    multiplier: float = 1.0
+    order: Optional[List[str]] = None
+    options: Dict[str, Any] = field(default_factory=dict)  # e.g. stages for "staged", alpha for "proportional"
+
+    def validate(self, prefix: str) -> None:
+        if isinstance(self.epoch_size, str):
+            _choice(f"{prefix}.epoch_size", self.epoch_size, ("smallest", "largest"))
+        else:
+            _positive_int(f"{prefix}.epoch_size", self.epoch_size)
+        _positive_float(f"{prefix}.multiplier", self.multiplier)
+
+
+@dataclass
+class WeightingConfig:
+    name: str = "equal"  # equal | fixed | uncertainty | dwa | dev_score | pcgrad | gse
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    model: Optional[str] = None  # checkpoint folder or hub name; None = embedded default
+    attn_implementation: str = "torch"
+    finetune: str = "full-model"  # full-model | last-linear-layer | lora
+    lora: Dict[str, Any] = field(default_factory=dict)  # options of minbert.lora.apply_lora
+    tasks: List[TaskConfig] = field(default_factory=lambda: [TaskConfig("sst"), TaskConfig("quora"), TaskConfig("sts")])
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    smart: Optional[Dict[str, Any]] = None  # SMART for all tasks (see minbert.smart); per-task in tasks.X.smart
+    epochs: int = 1
+    max_steps: Optional[int] = None  # stop early (quick runs, tests)
+    eval_every: Optional[int] = None  # steps between dev evaluations; None = once per epoch
+    log_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    output_dir: str = "runs/default"
+    quiet: bool = False
+    nan_patience: int = 5  # consecutive non-finite losses before stopping
+    save_best: bool = True
+    save_every: Optional[int] = None  # steps between resumable checkpoints; None = once per epoch
+    predict: bool = True  # write dev/test prediction files for the best model at the end
+
+    def validate(self) -> "TrainConfig":
+        _choice("attn_implementation", self.attn_implementation, ("torch", "math", "triton"))
+        _choice("finetune", self.finetune, FINETUNE_MODES)
+        if not self.tasks:
+            raise ConfigError("tasks: at least one task is required")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"tasks: duplicate task names in {names}")
+        for t in self.tasks:
+            t.validate(f"tasks.{t.name}")
+        self.data.validate("data")
+        self.optim.validate("optim")
+        self.schedule.validate("schedule")
+        if self.schedule.order is not None:
+            unknown = [n for n in self.schedule.order if n not in names]
+            if unknown:
+                raise ConfigError(f"schedule.order names tasks that are not configured: {unknown} (tasks: {names})")
+        _positive_int("epochs", self.epochs)
+        for key in ("max_steps", "eval_every", "save_every"):
+            if getattr(self, key) is not None:
+                _positive_int(key, getattr(self, key))
+        _positive_int("log_every", self.log_every)
+        _positive_int("nan_patience", self.nan_patience)
+        return self
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- building from dicts / YAML with validation -----------------------------------------------
+
+def _positive_int(key, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _positive_float(key, value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{key} must be a positive number, got {value!r}")
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not valid; expected one of {list(choices)}")
+
+
+def _coerce(key: str, value: Any, annotation) -> Any:
+    """Check/convert a YAML value against a dataclass field annotation."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} does not fit any of {args}")
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return _build(annotation, value, key)
+    if origin in (list, List):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__}")
+        return [_coerce(f"{key}[{i}]", v, args[0] if args else Any) for i, v in enumerate(value)]
+    if origin in (dict, Dict):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _build(cls, data: Dict[str, Any], prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{full}'; valid keys here: {sorted(fields)}")
+        if cls is TrainConfig and key == "tasks":
+            kwargs[key] = _build_tasks(value)
+            continue
+        kwargs[key] = _coerce(full, value, hints[key])
+    if cls is TaskConfig and "name" not in kwargs:
+        raise ConfigError(f"{prefix or 'task'}: every task needs a 'name'")
+    return cls(**kwargs)
+
+
+def _build_tasks(value) -> List[TaskConfig]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"tasks must be a list of task names or mappings, got {type(value).__name__}")
+    tasks = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict):
+            raise ConfigError(f"tasks[{i}] must be a task name or a mapping, got {item!r}")
+        tasks.append(_build(TaskConfig, item, f"tasks.{item.get('name', i)}"))
+    return tasks
+
+
+def _set_path(data: Dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if part == "tasks" and i == 0:
+            tasks = node.setdefault("tasks", [{"name": t.name} for t in TrainConfig().tasks])
+            name = parts[1]
+            match = [t for t in tasks if (t if isinstance(t, str) else t.get("name")) == name]
+            if not match:
+                raise ConfigError(f"--set {key}: no task named {name!r} is configured "
+                                  f"(tasks: {[t if isinstance(t, str) else t.get('name') for t in tasks]})")
+            idx = tasks.index(match[0])
+            if isinstance(tasks[idx], str):
+                tasks[idx] = {"name": tasks[idx]}
+            node = tasks[idx]
+            rest = parts[2:]
+            for sub in rest[:-1]:
+                node = node.setdefault(sub, {})
+            if not rest:
+                raise ConfigError(f"--set {key}: name a field of the task, e.g. tasks.{name}.batch_size=16")
+            node[rest[-1]] = value
+            return
+        if not isinstance(node.get(part, {}), dict):
+            node[part] = {}
+        node = node.setdefault(part, {})
+        if node is None:
+            node = {}
+    node[parts[-1]] = value
+
+
+def _select_tasks(current, value) -> List[Any]:
+    """``--set tasks=sst,sts``: keep those tasks, with the recipe's settings where it has them."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list):
+        raise ConfigError(f"--set tasks expects a comma-separated list of task names, got {value!r}")
+    current = current if isinstance(current, list) else [{"name": t.name} for t in TrainConfig().tasks]
+    by_name = {}
+    for item in current:
+        name = item if isinstance(item, str) else item.get("name") if isinstance(item, dict) else None
+        by_name[name] = item
+    return [copy.deepcopy(by_name.get(v, v)) if isinstance(v, str) else v for v in value]
+
+
+def parse_override(text: str):
+    """``key=value`` with a YAML value (``optim.lr=3e-5``, ``tasks=sst,sts``, ``smart={}``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)
+    return key, value
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[List[str]] = None) -> TrainConfig:
+    """Read a YAML recipe (or the defaults), apply ``key=value`` overrides, validate everything."""
+    data: Dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        requires = data.pop("requires", None)
+        if requires:
+            check_available(requires, str(path))
+    data = copy.deepcopy(data)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        if key == "tasks":
+            data["tasks"] = _select_tasks(data.get("tasks"), value)
+            continue
+        _set_path(data, key, value)
+    try:
+        cfg = _build(TrainConfig, data)
+        return cfg.validate()
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+# Features that arrive in their own issues; a recipe naming one that is not built fails clearly.
+def feature_available(name: str) -> bool:
+    import importlib.util
+
+    modules = {"smart": "minbert.smart", "lora": "minbert.lora", "pcgrad": "minbert.weighting.pcgrad",
+               "deepspeed": "minbert.distributed.launch"}
+    module = modules.get(name)
+    if module is None:
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def check_available(requires, source: str) -> None:
+    for name in requires if isinstance(requires, list) else [requires]:
+        if not feature_available(name):
+            raise ConfigError(f"{source}: this recipe needs '{name}', which is not available yet in this version of minbert")
