@@ -193,3 +193,17 @@ def test_cli_reports_config_errors_before_training(tmp_path, capsys):
     assert main(["train", "--set", "optim.nope=1", "--set", f"output_dir={tmp_path}/x"]) == 2
     assert "unknown config key 'optim.nope'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["fixed", "uncertainty", "dwa", "dev_score", "pcgrad", "gse"])
+def test_every_weighting_trains(method, tiny_checkpoint, tmp_path):
+    """Joint steps (all tasks every step) through each weighting method, two epochs of 3 steps."""
+    out = tmp_path / "run"
+    cfg = load_config(CONFIGS / "multitask-joint.yaml",
+                      _overrides(tiny_checkpoint, out, f"weighting.name={method}", "epochs=2", "predict=false",
+                                 "schedule.epoch_size=smallest", "eval_every=null"))
+    before = BertModel.from_pretrained(tiny_checkpoint).state_dict()
+    result = train(cfg)
+    assert math.isfinite(result["best_overall"])
+    model, _, _ = load_model_dir(out / "best")
+    assert any(not torch.equal(before[k], v) for k, v in model.bert.state_dict().items())
