@@ -1,42 +1,28 @@
 """Triton kernels for minbert, each beside a plain-torch reference (installed as ``minbert.kernels``).
 
-Public functionals are loaded lazily, so ``import minbert.kernels`` does not import Triton
-until a kernel is first used. Dispatch (see ``_dispatch.py``): a CUDA tensor runs the Triton
-kernel; a CPU tensor runs it through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
-before import; otherwise the torch reference runs. ``MINBERT_KERNEL_BACKEND=reference`` or
+Dispatch (see ``_dispatch.py``): a CUDA tensor runs the Triton kernel; a CPU tensor runs it
+through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before this package was
+imported; otherwise the torch reference runs. ``MINBERT_KERNEL_BACKEND=reference`` or
 ``=triton`` forces either path.
+
+The functionals are imported eagerly: a module and its function share a name (``attention``),
+and a lazy attribute would be shadowed by the submodule once it is imported.
 """
-import importlib
+from .attention import attention, attention_dropout_mask, attention_reference
+from .lora import lora_linear, lora_linear_reference
+from .smart import (
+    binary_to_two_class_logits,
+    smart_noise,
+    smart_noise_reference,
+    smart_perturb_step,
+    smart_perturb_step_reference,
+    symmetric_kl,
+    symmetric_kl_reference,
+)
 
-_EXPORTS = {
-    # attention.py
-    "attention": "attention",
-    "attention_reference": "attention",
-    "attention_dropout_mask": "attention",
-    # lora.py
-    "lora_linear": "lora",
-    "lora_linear_reference": "lora",
-    # smart.py
-    "smart_perturb_step": "smart",
-    "smart_perturb_step_reference": "smart",
-    "symmetric_kl": "smart",
-    "symmetric_kl_reference": "smart",
-    "smart_noise": "smart",
-    "smart_noise_reference": "smart",
-    "binary_to_two_class_logits": "smart",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'minbert.kernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__all__ = [
+    "attention", "attention_reference", "attention_dropout_mask",
+    "lora_linear", "lora_linear_reference",
+    "smart_perturb_step", "smart_perturb_step_reference", "symmetric_kl", "symmetric_kl_reference",
+    "smart_noise", "smart_noise_reference", "binary_to_two_class_logits",
+]

@@ -55,26 +55,11 @@ from ._dispatch import (
     use_triton,
 )
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - Triton is Linux-only; the reference still works
-
-    class _NoTriton:
-        """Stand-in so this module imports without Triton (the kernels are then never launched)."""
-
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **_kwargs):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _NoTriton()
+from ._triton import POISON_ENV, new_output as _new_output, tl, triton  # noqa: F401
 
 OP = "attention"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-POISON_ENV = "MINBERT_KERNEL_POISON"
 _SEED_LIMIT = 2**63
 _LOG2E = 1.4426950408889634
 
@@ -362,18 +347,6 @@ def _dropout_mask_kernel(
 # --------------------------------------------------------------------------------------------
 # Host launchers
 # --------------------------------------------------------------------------------------------
-def _poison() -> bool:
-    return os.environ.get(POISON_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _new_output(shape, dtype, device) -> torch.Tensor:
-    """Kernel output buffer; poisoned when ``MINBERT_KERNEL_POISON=1`` so unwritten elements show
-    (NaN for floats, -1 for the int8 keep-mask, whose kernel writes only 0 and 1)."""
-    if _poison():
-        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -70,14 +70,9 @@ import torch.nn.functional as F
 
 from ._dispatch import check_same_device, check_same_dtype, check_tensor, interpreter_on, use_triton
 
-try:  # Triton is optional: without it the reference runs.
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - depends on the platform
-    triton = None
+from ._triton import POISON_ENV, new_output as _empty, tl, triton  # noqa: F401
 
 OP = "lora_linear"
-POISON_ENV = "MINBERT_KERNEL_POISON"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -327,17 +322,6 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------
 # Host side: launch configuration, segment layout, launchers
 # --------------------------------------------------------------------------------------------
-def _poison() -> bool:
-    return os.environ.get(POISON_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Output buffer: NaN-filled when ``MINBERT_KERNEL_POISON=1`` so unwritten elements show up."""
-    if _poison():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _r_pad(r: int) -> int:
     return max(16, 1 << (max(r, 1) - 1).bit_length())
 

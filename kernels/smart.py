@@ -40,23 +40,8 @@ from ._dispatch import (
     use_triton,
 )
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - Triton is Linux-only; the references still work
+from ._triton import POISON_ENV, new_output as _empty, tl, triton  # noqa: F401
 
-    class _NoTriton:
-        """Stand-in so this module imports without Triton (the kernels are then never launched)."""
-
-        constexpr = None
-
-        @staticmethod
-        def jit(fn=None, **_kwargs):
-            return fn if fn is not None else (lambda f: f)
-
-    triton = tl = _NoTriton()
-
-POISON_ENV = "MINBERT_KERNEL_POISON"
 
 NORMS = ("inf", "l2")
 RULES = ("projection", "mtdnn")
@@ -295,17 +280,6 @@ def _perturb_seq_apply_kernel(
 
 
 # ----------------------------------------------------------------------------- host side
-
-
-def _poison_on() -> bool:
-    return os.environ.get(POISON_ENV, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    """Output buffer: NaN-filled when ``MINBERT_KERNEL_POISON=1`` so unwritten elements show up."""
-    if _poison_on():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _rtne_bf16(t: torch.Tensor) -> bool:
