@@ -388,7 +388,7 @@ class BertModel(nn.Module):
             k = key[len("bert."):] if key.startswith("bert.") else key
             k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
             renamed[k] = value
-        missing = [k for k in own if k not in renamed]
+        missing = [k for k in own if k not in renamed and ".lora_" not in k]  # adapters are not in base checkpoints
         mismatched = [f"{k}: checkpoint {tuple(renamed[k].shape)} vs model {tuple(own[k].shape)}"
                       for k in own if k in renamed and tuple(renamed[k].shape) != tuple(own[k].shape)]
         unused = sorted(k for k in renamed if k not in own)
@@ -416,7 +416,10 @@ class BertModel(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        from .lora import merged_state_dict
+
+        # LoRA adapters (if any) are folded into the weights: the folder is a plain HF BERT.
+        tensors = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(self).items()}
         with atomic_path(directory / "model.safetensors") as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt"})
         with atomic_path(directory / "config.json") as tmp:

@@ -185,6 +185,15 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         _choice("attn_implementation", self.attn_implementation, ("torch", "math", "triton"))
         _choice("finetune", self.finetune, FINETUNE_MODES)
+        if self.lora:
+            import inspect
+
+            from .lora import apply_lora
+
+            valid = {p for p in inspect.signature(apply_lora).parameters if p not in ("model", "tasks")} | {"per_task"}
+            unknown = sorted(k for k in self.lora if k not in valid)
+            if unknown:
+                raise ConfigError(f"unknown config key 'lora.{unknown[0]}'; valid keys here: {sorted(valid)}")
         if not self.tasks:
             raise ConfigError("tasks: at least one task is required")
         names = [t.name for t in self.tasks]
