@@ -1,7 +1,23 @@
 """Multitask loss weighting and gradient surgery, one method per file behind one interface.
 
-``build_weighting(name, tasks, **options)`` builds a method; the trainer only calls the
-:class:`~minbert.weighting.base.Weighting` interface.
+``build_weighting(name, tasks, **options)`` builds a method by its name in :data:`WEIGHTINGS`;
+the trainer only calls the :class:`~minbert.weighting.base.Weighting` interface.
+
+=============  =====================================================  ==========================
+name           method                                                 options
+=============  =====================================================  ==========================
+equal          Σ_t L_t (or the mean)                                  reduction
+fixed          Σ_t w_t L_t, user weights                              weights
+uncertainty    learned log-variances, Kendall et al. 2018             task_kinds, init
+dwa            dynamic weight averaging, Liu et al. 2019              temperature
+dev_score      w_t ∝ (1 − dev score_t)^γ                              gamma, floor, task_kinds
+pcgrad         gradient surgery, Yu et al. 2020                       seed, reduction
+gse            PCGrad update, then a plain-sum update (2 updates)     seed, reduction
+=============  =====================================================  ==========================
+
+The PCGrad arithmetic is also public as pure functions for sharded gradients:
+:func:`pcgrad_weights`, :func:`gram_matrix`, :func:`combine_gradients`, and the oracle
+:func:`pcgrad_project`.
 """
 import inspect
 

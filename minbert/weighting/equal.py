@@ -1,4 +1,8 @@
-"""Equal weighting: L = Σ_t L_t (``reduction="sum"``) or (1/T) Σ_t L_t (``"mean"``)."""
+"""Equal weighting over the tasks present in a step.
+
+    reduction="sum" (default):  L = Σ_t L_t
+    reduction="mean":           L = (1/|S|) Σ_{t∈S} L_t,   S = the tasks present this step
+"""
 from .base import Weighting
 
 

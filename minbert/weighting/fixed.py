@@ -1,4 +1,4 @@
-"""Fixed weights: L = Σ_t w_t L_t with user-given, non-negative w_t for every task."""
+"""Fixed weights: L = Σ_{t∈S} w_t L_t with user-given w_t ≥ 0 for every task (S = tasks present)."""
 import math
 
 from .base import Weighting
@@ -18,7 +18,9 @@ class Fixed(Weighting):
         for t, w in weights.items():
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
                 raise ValueError(f"fixed: weight of task {t!r} must be a finite number >= 0, got {w!r}")
-        self.fixed = {t: float(w) for t, w in weights.items()}
+        if not any(w > 0 for w in weights.values()):
+            raise ValueError(f"fixed: at least one weight must be > 0, got {weights}")
+        self.fixed = {t: float(weights[t]) for t in self.tasks}
 
     def weights(self, losses):
         return {t: self.fixed[t] for t in losses}
