@@ -16,7 +16,7 @@ status=0
 echo "== kernel tests on $device (compiled, no interpreter)"
 $PY -m pytest -q tests/kernels -p no:cacheprovider 2>&1 | tee "$out/tests.txt" || status=1
 
-for bench in attention lora smart_kernels; do
+for bench in attention lora smart_kernels smart; do
   [ -f "benchmarks/test_$bench.py" ] || continue
   echo "== benchmark $bench"
   $PY -m pytest -q "benchmarks/test_$bench.py" --benchmark-only -s -p no:cacheprovider \
