@@ -15,6 +15,7 @@ behind its own interface; the loop never branches on method names.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -291,7 +292,12 @@ def train(
         engine = LocalEngine(model, optimizer, make_scheduler(optimizer), cfg.optim.grad_clip)
     else:
         engine = engine_builder(model, groups, make_scheduler, cfg)
+        # an engine whose gradients live in shards (DeepSpeed ZeRO) supplies its own PCGrad
+        weighting = getattr(engine, "wrap_weighting", lambda w: w)(weighting)
     shared_params = model.shared_parameters()
+    # with several ranks: agree on skipping, log the mean over ranks (identity for the local engine)
+    all_true = getattr(engine, "all_true", lambda flag: flag)
+    rank_mean = getattr(engine, "rank_mean", lambda values: values)
     num_updates = getattr(weighting, "num_updates", 1)
 
     # state that a resume restores -----------------------------------------------------------
@@ -340,8 +346,10 @@ def train(
             log(f"step {step}: dev " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         if metrics["overall"] > best:
             best = metrics["overall"]
-            if cfg.save_best and is_main:
-                save_model_dir(run_dir / "best", model, cfg, tokenizer, {"step": step, "dev": metrics})
+            # ZeRO-3 keeps parameters partitioned: every rank takes part in gathering them
+            with getattr(engine, "full_parameters", contextlib.nullcontext)():
+                if cfg.save_best and is_main:
+                    save_model_dir(run_dir / "best", model, cfg, tokenizer, {"step": step, "dev": metrics})
         return metrics
 
     # the loop ----------------------------------------------------------------------------------
@@ -363,7 +371,7 @@ def train(
                 metrics = run_eval(step)
             if new_epoch:
                 epoch = sampler.epoch_for_step(step)
-                means = {t: float(np.mean(v)) for t, v in epoch_losses.items() if v}
+                means = rank_mean({t: float(np.mean(v)) for t, v in epoch_losses.items() if v})
                 weighting.end_epoch(epoch - 1, means, {k.split("/")[0]: v for k, v in metrics.items() if "/" in k})
                 epoch_losses = {t: [] for t in names}
             due_save = (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and new_epoch)
@@ -391,7 +399,7 @@ def train(
                     losses[t] = loss / cfg.optim.grad_accum
                     if update == 0:
                         window["examples"] += batch.size
-                if not all(torch.isfinite(l.detach()).all() for l in losses.values()):
+                if not all_true(all(bool(torch.isfinite(l.detach()).all()) for l in losses.values())):
                     skipped = True
                     break
                 weighting.backward(losses, shared_params, backward=engine.backward,
@@ -430,18 +438,19 @@ def train(
         if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
             elapsed = max(time.perf_counter() - window["t0"], 1e-9)
             rate = window["examples"] * world_size / elapsed
+            loss_means = rank_mean({t: float(np.mean(v)) for t, v in window["loss"].items()})
+            term_means = rank_mean({k: float(np.mean(v)) for k, v in window["terms"].items()})
             if is_main:
-                for t, values in window["loss"].items():
+                for t in window["loss"]:
                     rec = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "split": "train", "task": t,
-                           "loss": float(np.mean(values)), "lr": lr, "examples_per_s": rate}
-                    rec.update({k.split("/", 1)[1]: float(np.mean(v)) for k, v in window["terms"].items()
-                                if k.startswith(f"{t}/")})
+                           "loss": loss_means[t], "lr": lr, "examples_per_s": rate}
+                    rec.update({k.split("/", 1)[1]: v for k, v in term_means.items() if k.startswith(f"{t}/")})
                     append_jsonl(run_dir / "metrics.jsonl", rec)
                 for regs in regularizers.values():
                     for reg in regs:
                         if reg.stats():
                             append_jsonl(run_dir / "metrics.jsonl", {"step": step + 1, "split": "train", **reg.stats()})
-                summary = " ".join(f"{t}={np.mean(v):.3f}" for t, v in window["loss"].items())
+                summary = " ".join(f"{t}={v:.3f}" for t, v in loss_means.items())
                 if progress is not None:
                     progress.set_postfix_str(f"{summary} lr={lr:.2e} {rate:.0f} ex/s")
                 elif cfg.quiet:
@@ -480,7 +489,7 @@ def _weighting_options(cfg: TrainConfig) -> Dict:
         options["weights"] = {t.name: t.weight for t in cfg.tasks}
     if cfg.weighting.name in ("pcgrad", "gse") and "seed" not in options:
         options["seed"] = cfg.seed
-    if cfg.weighting.name == "uncertainty" and "task_kinds" not in options:
+    if cfg.weighting.name in ("uncertainty", "dev_score") and "task_kinds" not in options:
         options["task_kinds"] = {t.name: ("regression" if t.kind == "regression" else "classification") for t in cfg.tasks}
     return options
 
