@@ -318,10 +318,17 @@ class DeepSpeedEngineAdapter:
         if self.extra_optimizer is not None:
             client["_extra_optimizer"] = {"optimizer": self.extra_optimizer.state_dict(),
                                           "scheduler": self.extra_scheduler.state_dict()}
+        # Per-rank RNG states first (all ranks are seeded alike, but dropout draws depend on each rank's
+        # batch shapes): DeepSpeed updates 'latest' at the end of its save, so a rank lost mid-save never
+        # leaves 'latest' pointing at a tag without them.
+        from minbert.checkpoints import atomic_path
+
+        (directory / tag).mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / tag / f"rng_rank{self.rank}.pt") as tmp:
+            torch.save({"rng": client_state.get("rng"), "rank": self.rank, "world_size": self.world_size}, tmp)
+        if self.world_size > 1:
+            dist.barrier()
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client)
-        # per-rank RNG states (all ranks are seeded alike, but dropout draws depend on each rank's batch shapes)
-        torch.save({"rng": client_state.get("rng"), "rank": self.rank, "world_size": self.world_size},
-                   directory / tag / f"rng_rank{self.rank}.pt")
         if self.world_size > 1:
             dist.barrier()
         if self.is_main:
