@@ -168,7 +168,13 @@ def test_state_dict_survives_torch_save(tmp_path):
     s = build_task_sampler("staged", TASKS, BATCHES, seed=4,
                            stages=[{"tasks": ["quora"], "epochs": 1}, {"schedule": "proportional", "epochs": 2}])
     torch.save(s.state_dict(), tmp_path / "s.pt")
-    s.load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert loaded == s.state_dict()
+    s.load_state_dict(loaded)  # raises if anything was lost on the way
+    assert [s.tasks_for_step(i) for i in range(20)] == [
+        build_task_sampler("staged", TASKS, BATCHES, seed=4,
+                           stages=[{"tasks": ["quora"], "epochs": 1}, {"schedule": "proportional", "epochs": 2}])
+        .tasks_for_step(i) for i in range(20)]
 
 
 # --- epoch sizes -------------------------------------------------------------------------------
