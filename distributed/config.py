@@ -30,7 +30,6 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
 
-import yaml
 
 AUTO = "auto"
 STAGES = (0, 1, 2, 3)
@@ -232,23 +231,13 @@ def check_with_deepspeed(ds: Dict[str, Any]) -> None:
 # --- helpers -----------------------------------------------------------------------------------
 
 def _parse_patch(text: str):
-    if "=" not in text:
-        raise DeepSpeedConfigError(f"--ds-set expects key=value, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise DeepSpeedConfigError(f"--ds-set expects key=value, got {text!r}")
+    """``key=value`` with a YAML value, parsed exactly like the recipe's ``--set`` overrides."""
+    from minbert.train_config import ConfigError, parse_override
+
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    if isinstance(value, str):  # YAML reads 5e7 as a string
-        try:
-            number = float(value)
-            value = int(number) if number.is_integer() and "." not in value and "e" not in value.lower() else number
-        except ValueError:
-            pass
-    return key, value
+        return parse_override(text)
+    except ConfigError as e:
+        raise DeepSpeedConfigError(str(e).replace("--set", "--ds-set")) from None
 
 
 def _set_path(ds: Dict[str, Any], key: str, value: Any) -> None:
