@@ -21,7 +21,9 @@ in the first group listed:
   attributes whose name mentions ``grad``, the reduce buckets);
 * PCGrad task gradients -- single process: the (T, P) stack PCGrad builds; DeepSpeed: the (T, P/N)
   shards of :class:`minbert.distributed.sharded.ShardedPCGrad` plus its pending correction;
-* SMART teacher -- the teacher tensors of every SMART regularizer (one per task).
+* SMART teacher -- MBPP's momentum teacher, one for all tasks (:class:`minbert.smart.MomentumTeacher`):
+  the whole θ̃ in a single process, this rank's 1/N slice under DeepSpeed (the all-gathered copy
+  lives only during the teacher's forward pass and shows in the peak RSS, not here).
 
 Peak RSS is the process's ``ru_maxrss`` (everything: activations, the Python runtime, transient
 copies). ZeRO-3 cannot run PCGrad or SMART (both refuse it at start-up, see
@@ -140,11 +142,11 @@ class Meter:
         teachers = []
         for obj in gc.get_objects():
             try:
-                is_smart = type(obj).__name__ == "SMART" and hasattr(obj, "teacher")
+                is_teacher = type(obj).__name__ == "MomentumTeacher"
             except ReferenceError:
                 continue
-            if is_smart and obj.teacher is not None:
-                teachers += list(obj.teacher.values())
+            if is_teacher and obj.shard is not None:
+                teachers.append(obj.shard)
         out["teacher"] = _bytes(teachers, seen)
         out["total"] = sum(out[g] for g in GROUPS)
         if self.best is None or out["total"] > self.best["total"]:
@@ -338,12 +340,12 @@ def markdown(rows, args) -> str:
         lines.append(f"| {r['setup']} | {run} | {r['rank']} | " + " | ".join(cells) +
                      f" | {b['total'] / MiB:,.0f} | {b['total'] / base:.2f}× | {r['peak_rss'] / MiB:,.0f} |")
     lines.append("")
-    lines.append("MiB per rank. Per-rank model state with N ranks, P parameters, T tasks, k SMART teachers (fp32, "
-                 "AdamW; ZeRO-1/2 fp32 masters share the parameters' memory):")
-    lines.append("single 4P + 8P + 4P + 4TP + 4kP (parameters, AdamW moments, gradients, task gradients, teachers); "
-                 "ZeRO-0 4P + 8P + 4P + 4TP/N + 4kP; ZeRO-1 and ZeRO-2 4P + 8P/N + 4P/N + 4TP/N + 4kP (ZeRO-1 holds full "
-                 "local gradients only until the boundary reduction); ZeRO-3 4P/N + 12P/N + 4P/N (fp32 masters separate; "
-                 "no PCGrad/SMART). As N grows only the 4P parameters and the 4kP teachers stay per rank.")
+    lines.append("MiB per rank. Per-rank model state with N ranks, P parameters, T tasks, one shared SMART teacher "
+                 "(fp32, AdamW; ZeRO-1/2 fp32 masters share the parameters' memory):")
+    lines.append("single 4P + 8P + 4P + 4TP + 4P (parameters, AdamW moments, gradients, task gradients, teacher); "
+                 "ZeRO-0 4P + 8P + 4P + 4TP/N + 4P/N; ZeRO-1 and ZeRO-2 4P + 8P/N + 4P/N + 4TP/N + 4P/N (ZeRO-1 holds "
+                 "full local gradients only until the boundary reduction); ZeRO-3 4P/N + 12P/N + 4P/N (fp32 masters "
+                 "separate; no PCGrad/SMART). As N grows only the 4P parameters stay whole on every rank.")
     return "\n".join(lines)
 
 

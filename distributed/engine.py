@@ -30,7 +30,8 @@ optimizer, lr_scheduler, config)``. How the trainer's calls map onto DeepSpeed:
     ``engine.save_checkpoint(dir, tag="step<N>", client_state=...)`` on every rank (each writes its
     optimizer partition; the ``latest`` file is rewritten only after every rank finished, so a
     crash mid-save leaves the previous checkpoint loadable). RNG states differ per rank (dropout
-    draws depend on the rank's batch shapes), so each rank also writes its own ``rng_rank<r>.pt``.
+    draws depend on the rank's batch shapes) and so does the regularizers' state (SMART's teacher
+    is sharded across ranks), so each rank also writes both to its own ``rng_rank<r>.pt``.
     Tags beyond the newest ``keep_checkpoints`` are deleted by rank 0.
 
 Parameters the optimizer trains that are not module parameters (uncertainty weighting's
@@ -318,14 +319,18 @@ class DeepSpeedEngineAdapter:
         if self.extra_optimizer is not None:
             client["_extra_optimizer"] = {"optimizer": self.extra_optimizer.state_dict(),
                                           "scheduler": self.extra_scheduler.state_dict()}
-        # Per-rank RNG states first (all ranks are seeded alike, but dropout draws depend on each rank's
-        # batch shapes): DeepSpeed updates 'latest' at the end of its save, so a rank lost mid-save never
-        # leaves 'latest' pointing at a tag without them.
+        # Per-rank state first: RNG states (all ranks are seeded alike, but dropout draws depend on each
+        # rank's batch shapes) and the regularizers' state, which is rank-local (SMART's teacher is
+        # sharded across ranks; DeepSpeed writes client_state from rank 0 only). DeepSpeed updates
+        # 'latest' at the end of its save, so a rank lost mid-save never leaves 'latest' pointing at a
+        # tag without them.
         from minbert.checkpoints import atomic_path
 
+        rank_local = {"rng": client.pop("rng", None), "regularizers": client.pop("regularizers", None),
+                      "rank": self.rank, "world_size": self.world_size}
         (directory / tag).mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / tag / f"rng_rank{self.rank}.pt") as tmp:
-            torch.save({"rng": client_state.get("rng"), "rank": self.rank, "world_size": self.world_size}, tmp)
+            torch.save(rank_local, tmp)
         if self.world_size > 1:
             dist.barrier()
         self.engine.save_checkpoint(str(directory), tag=tag, client_state=client)
@@ -351,6 +356,8 @@ class DeepSpeedEngineAdapter:
         if load_path is None or client is None:
             raise FileNotFoundError(f"--resume: DeepSpeed could not load {directory / tag}")
         client["rng"] = saved["rng"]
+        if saved.get("regularizers") is not None or "regularizers" not in client:
+            client["regularizers"] = saved.get("regularizers") or {}
         extra = client.pop("_extra_optimizer", None)
         if self.extra_optimizer is not None:
             if extra is None:

@@ -98,9 +98,12 @@ Efficiency: the clean output f(x) is the trainer's (no recomputation), the ascen
 ``torch.autograd.grad`` with respect to δ only (no parameter gradients are formed or
 accumulated), and the teacher's pass runs under ``no_grad`` with ``torch.func.functional_call``
 swapping in the teacher's tensors. The teacher holds only the trainable parameters
-(``requires_grad``), so with LoRA it costs only the adapters and the heads. (With several tasks,
-each task's regularizer keeps its own teacher, since β is a per-task option. MBPP refuses
-DeepSpeed ZeRO stage 3, whose partitioned parameters cannot be copied whole.)
+(``requires_grad``), so with LoRA it costs only the adapters and the heads. There is one θ̃ for
+the model, as in the paper: the trainer calls :meth:`SMART.bind` with every regularizer of the
+run, and all tasks whose β is equal share one :class:`MomentumTeacher` (a task configured with
+another β gets its own). Under ``torch.distributed`` (DeepSpeed ZeRO 0-2) each rank stores only
+its 1/N slice of θ̃ and all-gathers it for the teacher's pass. MBPP refuses DeepSpeed ZeRO
+stage 3, whose partitioned parameters cannot be copied whole.
 
 Non-finite values: if the δ-gradient or the ascent loss is NaN/Inf, or R_s / D_Breg is, that term
 is skipped for the step (a zero with no graph is returned), counted in :meth:`SMART.stats`, and
@@ -112,8 +115,10 @@ Triton path is taken (CUDA, or the CPU interpreter). On the CPU reference path t
 far too slow for a training step there). Seeds derive from the run's seed, the task name and a
 call counter, so runs are reproducible and resumable; the global RNG is not used.
 
-The teacher is created as θ̃ = θ at the task's first call and saved in :meth:`SMART.state_dict`
-(with the call counter that seeds δ₀), so a resumed run continues the same sequence.
+The teacher is created as θ̃ = θ at the first MBPP call of any task sharing it, updated once
+per optimizer step by its owner (the first of those tasks), and saved in the owner's
+:meth:`SMART.state_dict` (with the call counter that seeds δ₀), so a resumed run continues the
+same sequence. Its state is rank-local (each rank saves its own slice).
 
 Options (per task; defaults from the issue): ``lambda_s=1``, ``mu=1``, ``steps=1`` (K; 0 keeps δ₀),
 ``sigma=1e-5``, ``step_size=1e-3`` (η), ``epsilon=1e-5`` (ε), ``norm="inf"|"l2"``,
@@ -251,6 +256,141 @@ def _choice(where, name, value, allowed):
     return value
 
 
+class MomentumTeacher:
+    """MBPP's θ̃: one EMA copy of the model's trainable parameters, θ̃ ← (1 − β) θ + β θ̃.
+
+    Every task's :class:`SMART` with the same β shares one teacher (the paper has one θ̃ per model,
+    not one per task). It is a single flat buffer over the trainable parameters in
+    ``named_parameters`` order. Under ``torch.distributed`` with N > 1 ranks (DeepSpeed ZeRO 0-2,
+    whose parameters are whole on every rank) each rank keeps only its 1/N slice of that flat vector,
+    updates the slice from its own copy of θ, and all-gathers the full teacher into a temporary
+    buffer only for the duration of the teacher's forward pass; the persistent per-rank cost is
+    4P/N bytes instead of 4P (fp32).
+    """
+
+    def __init__(self, beta: float, where: str = "smart"):
+        self.beta = beta
+        self.where = where
+        self.names: Optional[List[str]] = None
+        self.shapes: List[torch.Size] = []
+        self.offsets: List[int] = []
+        self.numel = 0
+        self.rank, self.world = 0, 1
+        self.lo = self.hi = 0
+        self.shard: Optional[torch.Tensor] = None  # (hi - lo,) this rank's slice of the flat teacher
+
+    # --- layout -------------------------------------------------------------------------------
+    @staticmethod
+    def _trainable(model) -> Dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def _layout(self, params: Dict[str, torch.Tensor]) -> None:
+        dtypes = {p.dtype for p in params.values()}
+        if len(dtypes) > 1:
+            raise RuntimeError(f"{self.where}: MBPP's teacher needs trainable parameters of one dtype, got "
+                               f"{sorted(str(d) for d in dtypes)}")
+        self.names = list(params)
+        self.shapes = [p.shape for p in params.values()]
+        self.offsets, total = [], 0
+        for p in params.values():
+            self.offsets.append(total)
+            total += p.numel()
+        self.numel = total
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        per_rank = -(-total // self.world)  # padded: every rank holds per_rank elements
+        self.lo = min(self.rank * per_rank, total)
+        self.hi = min(self.lo + per_rank, total)
+        self._per_rank = per_rank
+
+    def _segments(self, params: Dict[str, torch.Tensor]):
+        """(flat view of θ's piece, start in the shard, length) for each parameter overlapping [lo, hi)."""
+        for (name, p), off in zip(params.items(), self.offsets):
+            a, b = max(off, self.lo), min(off + p.numel(), self.hi)
+            if a < b:
+                yield p.detach().reshape(-1)[a - off:b - off], a - self.lo, b - a
+
+    def _check(self, params: Dict[str, torch.Tensor]) -> None:
+        if list(params) != self.names or [p.shape for p in params.values()] != self.shapes:
+            raise RuntimeError(f"{self.where}: the teacher holds {len(self.names)} tensors but the model has "
+                               f"{len(params)} trainable parameters with other names or shapes "
+                               f"(was the fine-tune mode changed?)")
+
+    # --- state --------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.shard is not None
+
+    def ensure(self, model) -> None:
+        """Create θ̃ = θ at the first call; afterwards check the layout and follow θ's device/dtype."""
+        params = self._trainable(model)
+        if self.shard is None:
+            if any(hasattr(p, "ds_id") for p in params.values()):  # DeepSpeed ZeRO-3 partitions the tensors
+                raise RuntimeError(f"{self.where}: MBPP (mu > 0) needs whole parameter tensors for its teacher; "
+                                   "DeepSpeed ZeRO stage 3 partitions them. Use ZeRO stage 0-2, or set mu: 0")
+            self._layout(params)
+            first = next(iter(params.values()))
+            self.shard = torch.empty(self.hi - self.lo, dtype=first.dtype, device=first.device)
+            with torch.no_grad():
+                for src, start, n in self._segments(params):
+                    self.shard[start:start + n].copy_(src)
+            return
+        self._check(params)
+        first = next(iter(params.values()))
+        if self.shard.device != first.device or self.shard.dtype != first.dtype:
+            self.shard = self.shard.to(device=first.device, dtype=first.dtype)
+
+    def update(self, model) -> None:
+        """θ̃ ← (1 − β) θ + β θ̃ on this rank's slice."""
+        if self.shard is None:
+            return
+        params = self._trainable(model)
+        self._check(params)
+        segments = list(self._segments(params))
+        with torch.no_grad():
+            torch._foreach_lerp_([self.shard[s:s + n] for _, s, n in segments], [src for src, _, _ in segments],
+                                 1.0 - self.beta)
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The full teacher as ``{name: tensor}``: views of the shard with one rank, else views of a
+        freshly all-gathered buffer (free it by dropping the dict)."""
+        if self.shard is None:
+            raise RuntimeError(f"{self.where}: the teacher does not exist yet (no MBPP call so far)")
+        if self.world == 1:
+            flat = self.shard
+        else:
+            flat = self.shard.new_empty(self._per_rank * self.world)
+            local = self.shard.new_zeros(self._per_rank)
+            local[:self.shard.numel()].copy_(self.shard)
+            torch.distributed.all_gather(list(flat.chunk(self.world)), local)
+        return {n: flat[o:o + s.numel()].view(s) for n, s, o in zip(self.names, self.shapes, self.offsets)}
+
+    def state_dict(self) -> Optional[Dict[str, Any]]:
+        """This rank's slice and its place (rank-local state: each rank saves its own)."""
+        if self.shard is None:
+            return None
+        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "rank": self.rank,
+                "world": self.world, "shard": self.shard.detach().clone()}
+
+    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+        if state is None:
+            self.shard = None
+            return
+        if "shard" not in state:  # a whole teacher {name: tensor} (older checkpoints): rebuild the layout
+            self._layout(state)
+            flat = torch.cat([t.detach().reshape(-1) for t in state.values()])
+            self.shard = flat[self.lo:self.hi].clone()
+            return
+        self.names = list(state["names"])
+        self.shapes = [torch.Size(s) for s in state["shapes"]]
+        self._layout({n: torch.empty(s, device="meta") for n, s in zip(self.names, self.shapes)})
+        if (self.rank, self.world) != (state["rank"], state["world"]):
+            raise ValueError(f"{self.where}: this teacher slice was saved by rank {state['rank']} of "
+                             f"{state['world']}, but this is rank {self.rank} of {self.world}; resume with "
+                             f"the same number of ranks")
+        self.shard = state["shard"].detach().clone()
+
+
 # --- the regularizer -----------------------------------------------------------------------------
 
 @register("smart")
@@ -299,7 +439,8 @@ class SMART(Regularizer):
         self.skipped = 0
         self.bregman_skipped = 0
         self.last_rs: Optional[float] = None
-        self.teacher: Optional[Dict[str, torch.Tensor]] = None
+        self.momentum_teacher: Optional[MomentumTeacher] = MomentumTeacher(self.beta, where) if self.mu > 0 else None
+        self.owns_teacher = True  # False once bind() hands this task another task's teacher
         self._pending: Optional[Dict[str, Any]] = None
 
     # --- hooks around the trainer's clean forward ------------------------------------------------
@@ -462,30 +603,26 @@ class SMART(Regularizer):
         return rs
 
     # --- MBPP -----------------------------------------------------------------------------------
-    def _trainable(self, model) -> Dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    def bind(self, regularizers) -> None:
+        """Share one :class:`MomentumTeacher` among all tasks' SMART regularizers with the same β: the
+        first of them owns it (updates and saves it), the others use it."""
+        if self.momentum_teacher is None:
+            return
+        group = [r for r in regularizers if isinstance(r, SMART) and r.momentum_teacher is not None
+                 and r.beta == self.beta]
+        owner = group[0] if group else self
+        self.momentum_teacher = owner.momentum_teacher
+        self.owns_teacher = owner is self
 
-    def _ensure_teacher(self, model) -> Dict[str, torch.Tensor]:
-        params = self._trainable(model)
-        if self.teacher is None:
-            if any(hasattr(p, "ds_id") for p in params.values()):  # DeepSpeed ZeRO-3 partitions the tensors
-                raise RuntimeError(f"{self.where}: MBPP (mu > 0) needs whole parameter tensors for its teacher; "
-                                   "DeepSpeed ZeRO stage 3 partitions them. Use ZeRO stage 0-2, or set mu: 0")
-            with torch.no_grad():
-                self.teacher = {n: p.detach().clone() for n, p in params.items()}
-        elif set(self.teacher) != set(params):
-            raise RuntimeError(f"{self.where}: the teacher holds {len(self.teacher)} tensors but the model has "
-                               f"{len(params)} trainable parameters with other names (was the fine-tune mode changed?)")
-        else:
-            for n, p in params.items():  # a teacher loaded from a checkpoint may sit on another device
-                t = self.teacher[n]
-                if t.device != p.device or t.dtype != p.dtype:
-                    self.teacher[n] = t.to(device=p.device, dtype=p.dtype)
-        return self.teacher
+    @property
+    def teacher(self) -> Optional[Dict[str, torch.Tensor]]:
+        """θ̃ as ``{name: tensor}`` (None before the first MBPP call); all-gathered when sharded."""
+        mt = self.momentum_teacher
+        return mt.tensors() if mt is not None and mt.ready else None
 
     def bregman(self, model, batch, output, pending) -> torch.Tensor:
         """D_Breg (unweighted): ℓ_s(f(x; θ), f(x; θ̃)) with the teacher's output under no_grad."""
-        teacher = self._ensure_teacher(model)
+        self.momentum_teacher.ensure(model)
         device = pending["device"]
         with torch.no_grad():
             if self.dropout == "eval":
@@ -494,7 +631,7 @@ class SMART(Regularizer):
                 _set_rng(pending["rng_start"], device)  # the clean pass's masks, from its first draw
                 ctx = contextlib.nullcontext()
             with ctx:
-                target = torch.func.functional_call(model, teacher, (batch,))
+                target = torch.func.functional_call(model, self.momentum_teacher.tensors(), (batch,))
         d = self.divergence(output, target, reduction="batchmean")
         if not bool(torch.isfinite(d)):
             self.bregman_skipped += 1
@@ -502,14 +639,9 @@ class SMART(Regularizer):
         return d
 
     def after_step(self, model) -> None:
-        """θ̃ ← (1 − β) θ + β θ̃ for the trainable parameters (once the teacher exists)."""
-        if self.teacher is None or self.mu <= 0:
-            return
-        params = self._trainable(model)
-        names = list(self.teacher)
-        with torch.no_grad():
-            torch._foreach_lerp_([self.teacher[n] for n in names], [params[n].detach() for n in names],
-                                 1.0 - self.beta)
+        """θ̃ ← (1 − β) θ + β θ̃ for the trainable parameters (once the teacher exists; by its owner only)."""
+        if self.momentum_teacher is not None and self.owns_teacher:
+            self.momentum_teacher.update(model)
 
     # --- logging and resume -----------------------------------------------------------------------
     def stats(self) -> Dict[str, Any]:
@@ -527,7 +659,8 @@ class SMART(Regularizer):
     def state_dict(self) -> Dict[str, Any]:
         return {"calls": self.calls, "skipped": self.skipped, "bregman_skipped": self.bregman_skipped,
                 "base_seed": self.base_seed, "last_rs": self.last_rs,
-                "teacher": None if self.teacher is None else {n: t.detach().clone() for n, t in self.teacher.items()}}
+                "teacher": (self.momentum_teacher.state_dict() if self.momentum_teacher is not None
+                            and self.owns_teacher else None)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.calls = int(state.get("calls", 0))
@@ -535,5 +668,5 @@ class SMART(Regularizer):
         self.bregman_skipped = int(state.get("bregman_skipped", 0))
         self.base_seed = int(state.get("base_seed", self.base_seed))
         self.last_rs = state.get("last_rs")
-        teacher = state.get("teacher")
-        self.teacher = None if teacher is None else {n: t.detach().clone() for n, t in teacher.items()}
+        if self.momentum_teacher is not None and self.owns_teacher:
+            self.momentum_teacher.load_state_dict(state.get("teacher"))

@@ -38,7 +38,7 @@ from .losses import build_loss
 from .metrics import append_jsonl, confusion_matrix, overall_score, plot_confusion, plot_curves, task_metric, write_predictions
 from .model import BertModel
 from .multitask import MultitaskModel, predict_from_output
-from .regularizers import REGULARIZERS, build_regularizers
+from .regularizers import REGULARIZERS, RegularizerContext, build_regularizers
 from .schedules import build_lr_scheduler, build_task_sampler
 from .tokenizer import Tokenizer
 from .train_config import ConfigError, TrainConfig, check_available
@@ -215,6 +215,9 @@ def _task_regularizers(cfg: TrainConfig) -> Dict[str, list]:
             except TypeError as e:
                 raise ConfigError(f"smart (task {task.name}): {e}") from None
         out[task.name] = regs
+    everyone = [r for regs in out.values() for r in regs]
+    for reg in everyone:
+        reg.bind(everyone)
     return out
 
 
@@ -259,6 +262,12 @@ def train(
             dev_loaders[task.name] = data_lib.TaskLoader(
                 datasets[task.name]["dev"], max(64, task.batch_size), collate, shuffle=False,
                 bucket_by_length=False)
+    for task in cfg.tasks:  # regularizers that read their own data (supervised SimCSE's NLI file)
+        context = RegularizerContext(task=task.name, data_dir=cfg.data.dir, bad_rows=cfg.data.bad_rows,
+                                     tokenizer=tokenizer, seed=cfg.seed, rank=rank, world_size=world_size,
+                                     log=log if is_main else (lambda m: None))
+        for reg in regularizers[task.name]:
+            reg.setup(context)
     batches_per_epoch = {t: len(loader) for t, loader in train_loaders.items()}
     names = [t.name for t in cfg.tasks]
     sampler = build_task_sampler(cfg.schedule.kind, names, batches_per_epoch, seed=cfg.seed,

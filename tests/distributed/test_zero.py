@@ -61,6 +61,56 @@ def test_resume_after_kill_matches_uninterrupted(launch, recipe, tools, tmp_path
     tools.assert_same_losses(want, got, tol=1e-6)
 
 
+SMART_SET = ["--set", "smart={lambda_s: 1.0, mu: 1.0}", "--set", "save_every=3"]
+
+
+def smart_terms(run_dir):
+    """{(step, task): (loss, smart, bregman)} of a run's train records (the last record wins)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("split") == "train" and "loss" in r:
+            out[(r["step"], r["task"])] = (r["loss"], r.get("smart"), r.get("bregman"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def smart_run(launch, recipe, tmp_path_factory):
+    """A 2-rank ZeRO-2 run with SMART + MBPP: each rank keeps half of the shared teacher."""
+    out = tmp_path_factory.mktemp("zero2-smart")
+    launch(recipe(SIZES["rank_batch"]), "distributed/configs/zero2.json", "--set", f"output_dir={out}", *SMART_SET)
+    return out
+
+
+def test_zero2_smart_mbpp_matches_single_process(smart_run, recipe, tools, tmp_path):
+    """The sharded teacher (all-gathered for the Bregman pass) gives the single process's terms."""
+    tools.run_single(recipe(SIZES["single_batch"]), f"output_dir={tmp_path / 'single'}", *SMART_SET[1::2])
+    want, got = smart_terms(tmp_path / "single"), smart_terms(smart_run)
+    assert want.keys() == got.keys() and sorted({s for s, _ in want}) == [1, 2, 3, 4, 5]
+    assert all(b is not None for _, _, b in want.values()) and max(b for _, _, b in want.values()) > 0
+    for key in want:
+        for w, g in zip(want[key], got[key]):
+            assert abs(w - g) <= 1e-5, (key, want[key], got[key])
+
+
+def test_zero2_smart_resume_restores_each_ranks_teacher_slice(smart_run, launch, recipe, tools, tmp_path):
+    config = recipe(SIZES["rank_batch"])
+    cut = tmp_path / "cut"
+    stopped = launch(config, "distributed/configs/zero2.json", "--set", f"output_dir={cut}", *SMART_SET,
+                     "--stop-at-step", "4", check=False)
+    assert stopped.returncode != 0
+    tag = cut / "checkpoint" / "step3"
+    slices = [torch.load(tag / f"rng_rank{r}.pt", weights_only=False)["regularizers"]["sst"][-1]["teacher"]
+              for r in range(2)]
+    assert [s["rank"] for s in slices] == [0, 1] and all(s["world"] == 2 for s in slices)
+    assert abs(slices[0]["shard"].numel() - slices[1]["shard"].numel()) <= 1  # half each
+    launch(config, "distributed/configs/zero2.json", "--set", f"output_dir={cut}", *SMART_SET,
+           "--resume", cut / "checkpoint")
+    want = {k: v for k, v in smart_terms(smart_run).items() if k[0] >= 4}
+    got = {k: v for k, v in smart_terms(cut).items() if k[0] >= 4}
+    assert sorted({s for s, _ in want}) == [4, 5] and got == want
+
+
 def test_exported_model_reloads_with_identical_outputs(pcgrad_run, tiny_ckpt, tools):
     from minbert import BertModel
     from minbert.distributed.checkpoint import main as export_main

@@ -338,6 +338,29 @@ def test_teacher_ema_equals_the_closed_form(tokenizer):
         torch.testing.assert_close(reg.teacher[k].double(), want, rtol=1e-5, atol=1e-6)
 
 
+def test_tasks_share_one_teacher_updated_once_per_step(tokenizer):
+    """One θ̃ for the model: every task's SMART with the same β shares it, its first task owns it,
+    and the EMA is applied once per optimizer step however many tasks call after_step."""
+    cfg = load_config(CONFIGS / "smarter.yaml", ["smart={mu: 1.0, beta: 0.5}", "tasks.sts.smart={beta: 0.9}"])
+    regs = _task_regularizers(cfg)
+    sst, quora, sts = (regs[t][-1] for t in ("sst", "quora", "sts"))
+    assert sst.momentum_teacher is quora.momentum_teacher and sst.owns_teacher and not quora.owns_teacher
+    assert sts.momentum_teacher is not sst.momentum_teacher and sts.owns_teacher  # another β, its own θ̃
+    model = make_model()
+    theta0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+    run(quora, model, make_batch(tokenizer, "quora"))  # the shared teacher is created by any of its tasks
+    assert sst.teacher is not None and sts.teacher is None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    for reg in (sst, quora, sts):
+        reg.after_step(model)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(sst.teacher[k], 0.5 * theta0[k] + 0.5 * p.detach())
+    # only the owner saves θ̃ (it is one tensor set, however many tasks use it)
+    assert sst.state_dict()["teacher"] is not None and quora.state_dict()["teacher"] is None
+
+
 def test_bregman_is_zero_at_the_teacher_then_trains_the_student(tokenizer):
     model, batch = make_model(), make_batch(tokenizer, "quora")
     reg = SMART(task="quora", kind="binary", lambda_s=0.0, mu=2.0, dropout="shared")
