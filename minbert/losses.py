@@ -169,21 +169,29 @@ def simcse_unsup(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.05) 
 
 
 def simcse_sup(anchor: torch.Tensor, positive: torch.Tensor, hard_negative: Optional[torch.Tensor] = None,
-               temperature: float = 0.05) -> torch.Tensor:
+               temperature: float = 0.05, negative_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Supervised SimCSE (Gao, Yao & Chen 2021, eq. 5): NLI premises ``h_i``, their entailment
     hypotheses ``h_i⁺`` and contradiction hypotheses ``h_i⁻`` (hard negatives), all (B, D)::
 
         ℓ_i = −log [ exp(sim(h_i, h_i⁺)/τ) / Σ_{j=1..B} ( exp(sim(h_i, h_j⁺)/τ) + exp(sim(h_i, h_j⁻)/τ) ) ]
 
     i.e. cross-entropy over ``[cos(a, p_all)/τ ; cos(a, n_all)/τ]`` (B, 2B) with target ``i``. Without
-    ``hard_negative`` it is the in-batch-negatives loss over positives only.
+    ``hard_negative`` it is the in-batch-negatives loss over positives only. ``negative_mask`` (B,)
+    bool marks the rows whose ``hard_negative`` exists; the columns of the others are left out of
+    every row's denominator (rows with no contradiction hypothesis in the NLI file).
     """
     op = "simcse_sup"
     _check_embeddings(op, anchor=anchor, positive=positive, hard_negative=hard_negative)
     tau = _check_positive(op, "temperature", temperature)
     logits = cosine_matrix(anchor, positive)  # (B, B)
     if hard_negative is not None:
-        logits = torch.cat([logits, cosine_matrix(anchor, hard_negative)], dim=1)  # (B, 2B)
+        negatives = cosine_matrix(anchor, hard_negative)  # (B, B)
+        if negative_mask is not None:
+            if negative_mask.shape != (anchor.shape[0],) or negative_mask.dtype != torch.bool:
+                raise ValueError(f"{op}: negative_mask must be a bool tensor of shape ({anchor.shape[0]},), got "
+                                 f"{negative_mask.dtype} {tuple(negative_mask.shape)}")
+            negatives = negatives.masked_fill(~negative_mask.to(negatives.device)[None, :], float("-inf"))
+        logits = torch.cat([logits, negatives], dim=1)  # (B, 2B)
     return F.cross_entropy(logits / tau, torch.arange(anchor.shape[0], device=anchor.device))
 
 

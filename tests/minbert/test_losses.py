@@ -92,6 +92,23 @@ def test_simcse_sup_matches_loop_with_hard_negatives(b):
     assert simcse_sup(a, p, n) > simcse_sup(a, p)
 
 
+def test_simcse_sup_negative_mask_leaves_out_missing_hard_negatives():
+    """Rows without a contradiction hypothesis: their h⁻ column is in no denominator (and gets no gradient)."""
+    a, p, n = _emb(5), _emb(5), _emb(5)
+    has = torch.tensor([True, False, True, True, False])
+    tau = 0.1
+
+    def ref(a, p, n):
+        return infonce_loop(a, list(p) + [n[j] for j in range(5) if has[j]], lambda i: i, 1.0 / tau)
+
+    assert_loss_and_grads_match(lambda x, y, z: simcse_sup(x, y, z, temperature=tau, negative_mask=has), ref, (a, p, n))
+    g = torch.autograd.grad(simcse_sup(a, p, n, temperature=tau, negative_mask=has), n)[0]
+    assert bool((g[~has] == 0).all()) and bool((g[has] != 0).any())
+    torch.testing.assert_close(simcse_sup(a, p, n, negative_mask=torch.ones(5, dtype=torch.bool)), simcse_sup(a, p, n))
+    with pytest.raises(ValueError, match=r"negative_mask must be a bool tensor of shape \(5,\)"):
+        simcse_sup(a, p, n, negative_mask=torch.ones(4, dtype=torch.bool))
+
+
 @pytest.mark.parametrize("scale", [20.0, 1.0])
 def test_mnrl_matches_loop(scale):
     a, p = _emb(5), _emb(5)

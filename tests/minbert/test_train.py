@@ -102,6 +102,40 @@ def test_resume_continues_the_same_run(tiny_checkpoint, tmp_path):
     assert want and got == want
 
 
+SIMCSE_SUP = "tasks.sts.aux_losses=[{name: simcse_sup, file: nli-train.csv, batch_size: 4, weight: 0.5}]"
+
+
+def test_supervised_simcse_trains_from_an_nli_file_and_resumes(tiny_checkpoint, tmp_path, capsys):
+    """simcse_sup reads premise/hypothesis/label triples from data.dir, logs what it could not use,
+    adds its term to the host task's loss, and its batch position survives a resume."""
+    common = ["max_steps=5", "epochs=2", "save_every=2", "predict=false", "quiet=false", SIMCSE_SUP]
+    full = tmp_path / "full"
+    train(load_config(CONFIGS / "simcse.yaml", _overrides(tiny_checkpoint, full, *common, tasks=("sts",))))
+    log = capsys.readouterr().out
+    assert "simcse_sup (sts): " in log and "11 triples, 1 entailment pairs without a contradiction" in log
+    assert "12 neutral rows not used" in log
+    records = _train_records(full)
+    assert len(records) == 5 and all(math.isfinite(r["simcse_sup"]) and r["simcse_sup"] > 0 for r in records)
+    cut = tmp_path / "cut"
+    cfg = load_config(CONFIGS / "simcse.yaml", _overrides(tiny_checkpoint, cut, *common, tasks=("sts",)))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, stop_at_step=3)
+    train(cfg, resume=str(cut / "checkpoint"))
+    want = {r["step"]: (r["loss"], r["simcse_sup"]) for r in _train_records(full) if r["step"] >= 3}
+    got = {r["step"]: (r["loss"], r["simcse_sup"]) for r in _train_records(cut) if r["step"] >= 3}
+    assert sorted(want) == [3, 4, 5] and got == want
+
+
+def test_supervised_simcse_bad_options_name_the_problem(tiny_checkpoint, tmp_path):
+    for option, message in (("", "simcse_sup needs option 'file'"),
+                            ("file: missing.csv", "missing.csv"),
+                            ("file: nli-train.csv, batch_size: 1", "batch_size must be an integer >= 2")):
+        aux = f"tasks.sts.aux_losses=[{{name: simcse_sup{', ' + option if option else ''}}}]"
+        with pytest.raises((ValueError, FileNotFoundError, ConfigError), match=message):
+            train(load_config(CONFIGS / "simcse.yaml",
+                              _overrides(tiny_checkpoint, tmp_path / "bad", "max_steps=1", aux, tasks=("sts",))))
+
+
 def _nan_loss_after(monkeypatch, bad_steps):
     import minbert.train as train_mod
 
