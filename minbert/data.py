@@ -657,6 +657,10 @@ class TaskLoader:
     with fewer rows than ranks gives the surplus ranks a repeat of one of its rows (so none is empty);
     ``drop_last=True`` drops the incomplete last global batch instead.
 
+    Augmentation. ``swap_pairs=True`` (pair tasks) swaps the two sentences of a seeded half of the
+    examples each epoch (:meth:`swapped`): paraphrase and similarity are symmetric, so a
+    cross-encoder sees both orders of a pair over the run.
+
     Epochs and resume. Iterating runs the rest of the current epoch, then advances ``epoch`` by one.
     ``set_epoch(e)`` moves to the start of epoch ``e`` (it keeps the position when ``e`` is already
     the current epoch, so ``load_state_dict`` followed by ``set_epoch`` of the same epoch resumes
@@ -679,6 +683,7 @@ class TaskLoader:
         rank: int = 0,
         world_size: int = 1,
         length_fn: Optional[Callable[[Example], int]] = None,
+        swap_pairs: bool = False,
     ):
         if isinstance(examples, TaskData):
             examples = examples.examples
@@ -707,6 +712,10 @@ class TaskLoader:
         self.bucket_chunk = bucket_chunk
         self.drop_last = bool(drop_last)
         self.length_fn = length_fn or _word_length
+        self.swap_pairs = bool(swap_pairs)
+        if self.swap_pairs and any(ex.text_b is None for ex in self.examples):
+            raise ValueError("TaskLoader: swap_pairs needs pair examples (text_b), but some rows have one sentence")
+        self._swap_cache: Tuple[int, Optional[List[bool]]] = (-1, None)
         self.epoch = 0
         self._batch_index = 0
         self._generation = 0
@@ -763,6 +772,22 @@ class TaskLoader:
         """Batches of the current epoch already yielded."""
         return self._batch_index
 
+    def swapped(self, epoch: Optional[int] = None) -> List[bool]:
+        """``swap_pairs``: which examples have their two sentences swapped in ``epoch`` (a seeded,
+        per-epoch draw, the same on every rank, so a resumed run swaps the same rows)."""
+        epoch = self.epoch if epoch is None else epoch
+        if self._swap_cache[0] != epoch:
+            draw = torch.rand(len(self.examples), generator=self._generator(epoch, 2)) < 0.5
+            self._swap_cache = (epoch, draw.tolist())
+        return self._swap_cache[1]
+
+    def example(self, index: int) -> Example:
+        """Example ``index`` as this epoch yields it (with ``swap_pairs``, possibly swapped)."""
+        ex = self.examples[index]
+        if self.swap_pairs and self.swapped()[index]:
+            ex = replace(ex, text_a=ex.text_b, text_b=ex.text_a)
+        return ex
+
     # ---- iteration ----
     def __iter__(self) -> Iterator[Batch]:
         self._generation += 1
@@ -775,7 +800,7 @@ class TaskLoader:
                 raise RuntimeError("TaskLoader: this iterator was superseded by a newer iter() "
                                    "or set_epoch/load_state_dict")
             rows = self.rank_rows(batches[self._batch_index])
-            batch = self.collate([self.examples[i] for i in rows])
+            batch = self.collate([self.example(i) for i in rows])
             self._batch_index += 1
             yield batch
         if generation == self._generation:
@@ -797,6 +822,7 @@ class TaskLoader:
             "num_examples": len(self.examples), "fingerprint": self._fingerprint, "seed": self.seed,
             "batch_size": self.batch_size, "world_size": self.world_size, "shuffle": self.shuffle,
             "bucket_by_length": self.bucket_by_length, "bucket_chunk": self.bucket_chunk, "drop_last": self.drop_last,
+            "swap_pairs": self.swap_pairs,
         }
 
     def state_dict(self) -> Dict[str, object]:

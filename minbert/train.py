@@ -257,7 +257,7 @@ def train(
         collate = data_lib.make_collate(tokenizer, task.name, task.max_length, task.pair_encoding)
         train_loaders[task.name] = data_lib.TaskLoader(
             datasets[task.name]["train"], task.batch_size, collate, shuffle=True, seed=cfg.seed,
-            bucket_by_length=cfg.data.bucket_by_length, rank=rank, world_size=world_size)
+            bucket_by_length=cfg.data.bucket_by_length, rank=rank, world_size=world_size, swap_pairs=task.swap_pairs)
         if datasets[task.name]["dev"] is not None:
             dev_loaders[task.name] = data_lib.TaskLoader(
                 datasets[task.name]["dev"], max(64, task.batch_size), collate, shuffle=False,

@@ -56,6 +56,7 @@ class TaskConfig:
     smart: Optional[Dict[str, Any]] = None  # per-task SMART overrides (see minbert.smart)
     max_train_examples: Optional[int] = None  # subsample (seeded) for quick runs
     max_dev_examples: Optional[int] = None
+    swap_pairs: bool = False  # augmentation (pair tasks): each epoch a seeded half of the pairs is swapped
 
     def validate(self, prefix: str) -> None:
         if self.name not in TASK_KINDS:
@@ -69,6 +70,11 @@ class TaskConfig:
         for key in ("max_train_examples", "max_dev_examples"):
             if getattr(self, key) is not None:
                 _positive_int(f"{prefix}.{key}", getattr(self, key))
+        if not isinstance(self.swap_pairs, bool):
+            raise ConfigError(f"{prefix}.swap_pairs must be true or false, got {self.swap_pairs!r}")
+        if self.swap_pairs and not self.is_pair:
+            raise ConfigError(f"{prefix}.swap_pairs: task {self.name!r} has one sentence per row; swapping needs "
+                              f"a pair task (quora, sts)")
 
     @property
     def kind(self) -> str:

@@ -131,6 +131,27 @@ def assert_same_losses(want, got, tol=1e-5):
 
 
 @pytest.fixture(scope="session")
+def run_workers():
+    """run_workers(script, out, world=2) -> each rank's ``out/rank<r>.pt``: ``python script out`` started
+    as ranks of a gloo group (MASTER_ADDR/PORT, RANK, WORLD_SIZE in the environment)."""
+
+    def run(script, out, world: int = 2):
+        port = str(free_port())
+        procs = []
+        for rank in range(world):
+            env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank),
+                       WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+            procs.append(subprocess.Popen([sys.executable, str(script), str(out)], env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err[-3000:]
+        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def tools():
     """The plain helpers above, for test modules (conftest modules are not importable by name)."""
     import types

@@ -7,9 +7,6 @@ shard layouts (an even split for ZeRO-0, DeepSpeed's group partitions with paddi
 parameter inside a shared group for ZeRO-1/2), with the head's gradient left alone.
 """
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,28 +18,9 @@ from minbert.weighting import combine_gradients, pcgrad_project, pcgrad_weights,
 WORKER = Path(__file__).resolve().parent / "sharded_worker.py"
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded")
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2",
-                   OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def results(run_workers, tmp_path_factory):
+    return run_workers(WORKER, tmp_path_factory.mktemp("sharded"))
 
 
 @pytest.mark.parametrize("num_tasks", [3, 4])

@@ -1,8 +1,5 @@
 """SMART's momentum teacher sharded over two gloo ranks (``teacher_worker.py``): each rank keeps
 about half of θ̃, and the all-gathered teacher equals the EMA's closed form on the whole parameters."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,28 +8,9 @@ import torch
 WORKER = Path(__file__).resolve().parent / "teacher_worker.py"
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    port = str(_free_port())
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), WORLD_SIZE="2",
-                   OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    for p in procs:
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def results(run_workers, tmp_path_factory):
+    return run_workers(WORKER, tmp_path_factory.mktemp("teacher"))
 
 
 def test_each_rank_keeps_its_slice(results):

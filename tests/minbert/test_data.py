@@ -400,6 +400,35 @@ def test_loader_set_epoch_reshuffles_deterministically():
         fresh.set_epoch(-1)
 
 
+def test_swap_pairs_swaps_a_seeded_half_per_epoch():
+    pairs = [Example(id=f"p{i}", task="quora", text_a=f"first {i}", text_b=f"second {i}", label=i % 2)
+             for i in range(200)]
+    collate = lambda rows: rows  # noqa: E731  (the rows as the collate function receives them)
+    loader = TaskLoader(pairs, 10, collate, seed=1, swap_pairs=True)
+    rows0 = [ex for batch in loader for ex in batch]
+    rows1 = [ex for batch in loader for ex in batch]
+    for rows in (rows0, rows1):
+        assert sorted(ex.id for ex in rows) == sorted(ex.id for ex in pairs)  # every pair once per epoch
+        by_id = {ex.id: ex for ex in pairs}
+        flipped = {ex.id for ex in rows if ex.text_a == by_id[ex.id].text_b}
+        assert all(ex.text_a == by_id[ex.id].text_a or ex.id in flipped for ex in rows)
+        assert all(ex.label == by_id[ex.id].label for ex in rows)  # labels stay with their pair
+        assert 70 <= len(flipped) <= 130  # about half
+    flips0 = {ex.id for ex in rows0 if ex.text_a.startswith("second")}
+    flips1 = {ex.id for ex in rows1 if ex.text_a.startswith("second")}
+    assert flips0 != flips1  # a fresh draw each epoch
+    again = TaskLoader(pairs, 10, collate, seed=1, swap_pairs=True)
+    assert [ex.text_a for batch in again for ex in batch] == [ex.text_a for ex in rows0]  # seeded
+    assert pairs[0].text_a == "first 0"  # the loader's examples are never modified
+    plain = TaskLoader(pairs, 10, collate, seed=1)
+    assert all(ex.text_a.startswith("first") for batch in plain for ex in batch)
+    with pytest.raises(ValueError, match="swap_pairs needs pair examples"):
+        TaskLoader(make_examples(4), 2, collate, swap_pairs=True)
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="saved swap_pairs=True but this loader has False"):
+        plain.load_state_dict(state)
+
+
 def padded_tokens(loader):
     return sum(b.input_ids.numel() for b in loader)
 
