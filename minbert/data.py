@@ -296,6 +296,26 @@ def _undecodable(raw: bytes, header: Optional[List[str]]) -> Tuple[Optional[str]
     return name, f"undecodable bytes {bad!r} at byte {start + 1} (the file must be UTF-8)"
 
 
+def _accept(result: "TaskData", seen: Dict[str, int], line: int, make: Callable[[], Example], bad_rows: str,
+            id_field: Optional[str], where: str) -> None:
+    """Append the example ``make()`` builds, refusing a duplicate id; a :class:`_RowProblem` is
+    raised as a :class:`DataError` (``bad_rows="error"``) or counted in ``result.skipped``."""
+    try:
+        example = make()
+        if example.id in seen:
+            raise _RowProblem("duplicate id", id_field,
+                              f"duplicate id {example.id!r} (first seen {where} {seen[example.id]})")
+    except _RowProblem as p:
+        err = DataError(result.path, line, p.field, p.reason, p.detail)
+        if bad_rows == "error":
+            raise err from None
+        result.skipped[p.reason] += 1
+        result.errors.append(err)
+        return
+    seen[example.id] = line
+    result.examples.append(example)
+
+
 def read_task_file(
     path: Union[str, os.PathLike],
     task: Union[str, TaskSpec],
@@ -363,42 +383,32 @@ def read_task_file(
     # ---- rows ----
     result = TaskData(path=source, task=spec.name, examples=[], labelled=labelled)
     seen: Dict[str, int] = {}
-    for lineno, raw in enumerate(lines[1:], start=2):
-        raw = raw.rstrip(b"\r")
+
+    def parse(raw: bytes, lineno: int) -> Example:
         try:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                name, detail = _undecodable(raw, header)
-                raise _RowProblem("undecodable bytes", name, detail) from None
-            if not text.strip():
-                raise _RowProblem("blank line", None, "blank line")
-            try:
-                row = _split_line(text)
-            except csv.Error as e:
-                raise _RowProblem("malformed quoting", None, f"malformed quoting ({e})") from None
-            if len(row) < len(header):
-                missing = header[len(row)] or f"#{len(row) + 1}"
-                raise _RowProblem("missing column", missing,
-                                  f"missing (the row has {len(row)} fields, the header has {len(header)})")
-            if len(row) > len(header):
-                raise _RowProblem("extra field", None,
-                                  f"the row has {len(row)} fields but the header has {len(header)} "
-                                  "(a tab inside a sentence?)")
-            record = {c: row[positions[c]] for c in wanted}
-            example = _make_example(spec, record, labelled, lineno, source, fallback_id=f"line{lineno}")
-            if example.id in seen:
-                raise _RowProblem("duplicate id", spec.id_column,
-                                  f"duplicate id {example.id!r} (first seen on line {seen[example.id]})")
-        except _RowProblem as p:
-            err = DataError(source, lineno, p.field, p.reason, p.detail)
-            if bad_rows == "error":
-                raise err from None
-            result.skipped[p.reason] += 1
-            result.errors.append(err)
-            continue
-        seen[example.id] = lineno
-        result.examples.append(example)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            name, detail = _undecodable(raw, header)
+            raise _RowProblem("undecodable bytes", name, detail) from None
+        if not text.strip():
+            raise _RowProblem("blank line", None, "blank line")
+        try:
+            row = _split_line(text)
+        except csv.Error as e:
+            raise _RowProblem("malformed quoting", None, f"malformed quoting ({e})") from None
+        if len(row) < len(header):
+            missing = header[len(row)] or f"#{len(row) + 1}"
+            raise _RowProblem("missing column", missing,
+                              f"missing (the row has {len(row)} fields, the header has {len(header)})")
+        if len(row) > len(header):
+            raise _RowProblem("extra field", None,
+                              f"the row has {len(row)} fields but the header has {len(header)} "
+                              "(a tab inside a sentence?)")
+        record = {c: row[positions[c]] for c in wanted}
+        return _make_example(spec, record, labelled, lineno, source, fallback_id=f"line{lineno}")
+
+    for lineno, raw in enumerate(lines[1:], start=2):
+        _accept(result, seen, lineno, lambda: parse(raw.rstrip(b"\r"), lineno), bad_rows, spec.id_column, "on line")
 
     if result.skipped:
         logger.warning("%s", result.summary())
@@ -484,28 +494,17 @@ def load_hub_task(task: str, split: str, *, bad_rows: str = "error", cache_dir: 
     hub_spec = replace(spec, id_column=id_col or spec.id_column, text_columns=tuple(text_cols), label_column=label_col)
     result = TaskData(path=address, task=spec.name, examples=[], labelled=labelled)
     seen: Dict[str, int] = {}
+    needed = ((id_col,) if id_col else ()) + tuple(text_cols) + ((label_col,) if labelled else ())
+
+    def convert(row, i: int) -> Example:
+        missing = [c for c in needed if c not in row]
+        if missing:
+            raise _RowProblem("missing column", missing[0], "missing from the hub record")
+        ex = _make_example(hub_spec, dict(row), labelled, i + 1, address, fallback_id=f"{spec.name}-{hub_split}-{i}")
+        return replace(ex, task=spec.name)
+
     for i, row in enumerate(table):
-        line = i + 1
-        try:
-            needed = ((id_col,) if id_col else ()) + tuple(text_cols) + ((label_col,) if labelled else ())
-            missing = [c for c in needed if c not in row]
-            if missing:
-                raise _RowProblem("missing column", missing[0], "missing from the hub record")
-            record = dict(row)
-            ex = _make_example(hub_spec, record, labelled, line, address, fallback_id=f"{spec.name}-{hub_split}-{i}")
-            ex = replace(ex, task=spec.name)
-            if ex.id in seen:
-                raise _RowProblem("duplicate id", hub_spec.id_column,
-                                  f"duplicate id {ex.id!r} (first seen in row {seen[ex.id]})")
-        except _RowProblem as p:
-            err = DataError(address, line, p.field, p.reason, p.detail)
-            if bad_rows == "error":
-                raise err from None
-            result.skipped[p.reason] += 1
-            result.errors.append(err)
-            continue
-        seen[ex.id] = line
-        result.examples.append(ex)
+        _accept(result, seen, i + 1, lambda: convert(row, i), bad_rows, hub_spec.id_column, "in row")
     (logger.warning if result.skipped else logger.info)("%s", result.summary())
     return result
 

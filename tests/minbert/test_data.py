@@ -263,6 +263,25 @@ def test_hub_loader_without_datasets(monkeypatch):
         load_hub_task("cfimdb", "train")
 
 
+def test_hub_loader_converts_rows_and_counts_bad_ones(monkeypatch):
+    """Hub records become examples with the same validation as file rows (here: GLUE qqp's columns)."""
+    rows = [{"idx": 0, "question1": "How do I cook?", "question2": "How to cook?", "label": 1},
+            {"idx": 1, "question1": "", "question2": "Empty first?", "label": 0},
+            {"idx": 2, "question1": "Where is Rome?", "label": 0},
+            {"idx": 0, "question1": "Again id 0?", "question2": "Yes.", "label": 0},
+            {"idx": 3, "question1": "What is tea?", "question2": "Define tea.", "label": 1}]
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda *args, **kwargs: rows
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    td = load_hub_task("quora", "train", bad_rows="skip")
+    assert [(ex.id, ex.task, ex.text_a, ex.label) for ex in td.examples] == [
+        ("0", "quora", "How do I cook?", 1), ("3", "quora", "What is tea?", 1)]
+    assert dict(td.skipped) == {"empty sentence": 1, "missing column": 1, "duplicate id": 1}
+    assert "first seen in row 1" in str(td.errors[-1]) and "hf://nyu-mll/glue/qqp:train" in str(td.errors[-1])
+    with pytest.raises(DataError, match=r"hf://nyu-mll/glue/qqp:train:2: field 'question1'"):
+        load_hub_task("quora", "train")
+
+
 def test_hub_loader_offline(monkeypatch):
     fake = types.ModuleType("datasets")
 
