@@ -53,8 +53,8 @@ def _evaluate(args) -> int:
     loaders = {}
     for task in cfg.tasks:
         if datasets[task.name]["dev"] is not None:
-            collate = data_lib.make_collate(tokenizer, task.name, task.max_length, task.pair_encoding)
-            loaders[task.name] = data_lib.TaskLoader(datasets[task.name]["dev"], 64, collate, shuffle=False)
+            loaders[task.name] = data_lib.TaskLoader(datasets[task.name]["dev"], 64,
+                                                     task.collate(tokenizer, evaluation=True), shuffle=False)
     metrics, _ = evaluate(model, loaders, args.device)
     print(json.dumps(metrics, indent=2))
     return 0

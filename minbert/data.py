@@ -533,6 +533,7 @@ class Batch:
     input_ids_b: Optional[torch.Tensor] = None  # (B, L_b)
     attention_mask_b: Optional[torch.Tensor] = None  # (B, L_b)
     token_type_ids_b: Optional[torch.Tensor] = None  # (B, L_b)
+    swapped: Optional["Batch"] = None  # the same pairs with sentences swapped (symmetric evaluation)
 
     @property
     def size(self) -> int:
@@ -551,7 +552,7 @@ class Batch:
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, (torch.Tensor, Batch)):
                 value = value.to(device, non_blocking=non_blocking)
             elif isinstance(value, list):
                 value = list(value)
@@ -565,8 +566,12 @@ _ENCODING_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 class Collator:
     """Callable turning a list of :class:`Example` of one task into a :class:`Batch` (picklable)."""
 
-    def __init__(self, tokenizer, task: Union[str, TaskSpec], max_length: int, pair_encoding: str = "cross"):
+    def __init__(self, tokenizer, task: Union[str, TaskSpec], max_length: int, pair_encoding: str = "cross",
+                 symmetric: bool = False):
         self.spec = get_task_spec(task)
+        if symmetric and not self.spec.is_pair:
+            raise ValueError(f"make_collate: symmetric needs a pair task, got {self.spec.name!r}")
+        self.symmetric = bool(symmetric)
         if pair_encoding not in ("cross", "bi"):
             raise ValueError(f"make_collate: pair_encoding must be 'cross' or 'bi', got {pair_encoding!r}")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
@@ -618,16 +623,27 @@ class Collator:
             labels = torch.tensor([float(ex.label) for ex in examples], dtype=torch.float32)
         else:
             labels = torch.tensor([int(ex.label) for ex in examples], dtype=torch.long)
-        return Batch(task=spec.name, labels=labels, ids=[ex.id for ex in examples], **enc, **kw)
+        swapped = None
+        if self.symmetric:  # the same pairs in the other order, for symmetric evaluation
+            swapped = self._plain([replace(ex, text_a=ex.text_b, text_b=ex.text_a) for ex in examples])
+        return Batch(task=spec.name, labels=labels, ids=[ex.id for ex in examples], swapped=swapped, **enc, **kw)
+
+    def _plain(self, examples: Sequence[Example]) -> Batch:
+        plain = Collator(self.tokenizer, self.spec, self.max_length,
+                         "cross" if self.pair_encoding == "single" else self.pair_encoding)
+        return plain(examples)
 
 
-def make_collate(tokenizer, task: Union[str, TaskSpec], max_length: int, pair_encoding: str = "cross") -> Collator:
+def make_collate(tokenizer, task: Union[str, TaskSpec], max_length: int, pair_encoding: str = "cross",
+                 symmetric: bool = False) -> Collator:
     """Collate function for one task: dynamic padding to the longest row, truncation at ``max_length``.
 
     ``pair_encoding`` applies to pair tasks: ``"cross"`` encodes ``[CLS] a [SEP] b [SEP]`` with
     token types 0/1 in one sequence; ``"bi"`` encodes a and b separately (``*_b`` tensors).
+    ``symmetric=True`` (pair tasks) also collates every pair in the other order into
+    ``Batch.swapped``, for evaluation that averages both orders.
     """
-    return Collator(tokenizer, task, max_length, pair_encoding)
+    return Collator(tokenizer, task, max_length, pair_encoding, symmetric)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -163,6 +163,8 @@ def predict(model: MultitaskModel, loader, device) -> Dict[str, list]:
     for batch in loader:
         batch = batch.to(device)
         out = model(batch)
+        if batch.swapped is not None:  # symmetric evaluation: the mean output of both orders
+            out = 0.5 * (out + model(batch.swapped))
         preds.extend(predict_from_output(batch.task, out).cpu().tolist())
         ids.extend(batch.ids)
         if batch.labels is not None:
@@ -254,14 +256,13 @@ def train(
     datasets = load_task_data(cfg, log if is_main else (lambda m: None))
     train_loaders, dev_loaders = {}, {}
     for task in cfg.tasks:
-        collate = data_lib.make_collate(tokenizer, task.name, task.max_length, task.pair_encoding)
         train_loaders[task.name] = data_lib.TaskLoader(
-            datasets[task.name]["train"], task.batch_size, collate, shuffle=True, seed=cfg.seed,
+            datasets[task.name]["train"], task.batch_size, task.collate(tokenizer), shuffle=True, seed=cfg.seed,
             bucket_by_length=cfg.data.bucket_by_length, rank=rank, world_size=world_size, swap_pairs=task.swap_pairs)
         if datasets[task.name]["dev"] is not None:
             dev_loaders[task.name] = data_lib.TaskLoader(
-                datasets[task.name]["dev"], max(64, task.batch_size), collate, shuffle=False,
-                bucket_by_length=False)
+                datasets[task.name]["dev"], max(64, task.batch_size), task.collate(tokenizer, evaluation=True),
+                shuffle=False, bucket_by_length=False)
     for task in cfg.tasks:  # regularizers that read their own data (supervised SimCSE's NLI file)
         context = RegularizerContext(task=task.name, data_dir=cfg.data.dir, bad_rows=cfg.data.bad_rows,
                                      tokenizer=tokenizer, seed=cfg.seed, rank=rank, world_size=world_size,
@@ -528,7 +529,7 @@ def write_all_predictions(model, cfg, tokenizer, datasets, out_dir: Path, device
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
     for task in cfg.tasks:
-        collate = data_lib.make_collate(tokenizer, task.name, task.max_length, task.pair_encoding)
+        collate = task.collate(tokenizer, evaluation=True)
         for split in ("dev", "test"):
             td = datasets[task.name].get(split)
             if td is None:

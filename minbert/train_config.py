@@ -57,6 +57,7 @@ class TaskConfig:
     max_train_examples: Optional[int] = None  # subsample (seeded) for quick runs
     max_dev_examples: Optional[int] = None
     swap_pairs: bool = False  # augmentation (pair tasks): each epoch a seeded half of the pairs is swapped
+    symmetric_eval: bool = False  # pair tasks: predict from the mean output of (a, b) and (b, a)
 
     def validate(self, prefix: str) -> None:
         if self.name not in TASK_KINDS:
@@ -70,11 +71,12 @@ class TaskConfig:
         for key in ("max_train_examples", "max_dev_examples"):
             if getattr(self, key) is not None:
                 _positive_int(f"{prefix}.{key}", getattr(self, key))
-        if not isinstance(self.swap_pairs, bool):
-            raise ConfigError(f"{prefix}.swap_pairs must be true or false, got {self.swap_pairs!r}")
-        if self.swap_pairs and not self.is_pair:
-            raise ConfigError(f"{prefix}.swap_pairs: task {self.name!r} has one sentence per row; swapping needs "
-                              f"a pair task (quora, sts)")
+        for key in ("swap_pairs", "symmetric_eval"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{prefix}.{key} must be true or false, got {getattr(self, key)!r}")
+            if getattr(self, key) and not self.is_pair:
+                raise ConfigError(f"{prefix}.{key}: task {self.name!r} has one sentence per row; swapping needs "
+                                  f"a pair task (quora, sts)")
 
     @property
     def kind(self) -> str:
@@ -87,6 +89,13 @@ class TaskConfig:
     @property
     def loss_name(self) -> str:
         return self.loss or DEFAULT_LOSS[self.name]
+
+    def collate(self, tokenizer, evaluation: bool = False):
+        """This task's collate function (``evaluation``: with the swapped pairs when ``symmetric_eval``)."""
+        from .data import make_collate
+
+        return make_collate(tokenizer, self.name, self.max_length, self.pair_encoding,
+                            symmetric=evaluation and self.symmetric_eval)
 
     def files(self, data_dir: Union[str, Path]) -> Dict[str, Optional[Path]]:
         defaults = DEFAULT_FILES[self.name]

@@ -7,6 +7,8 @@ import sys
 import types
 import zlib
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -354,6 +356,24 @@ def test_collate_cross_and_bi_encoding():
     assert bi.token_type_ids.abs().sum() == 0 and bi.token_type_ids_b.abs().sum() == 0
     moved = bi.to("cpu")
     assert moved is not bi and torch.equal(moved.input_ids_b, bi.input_ids_b) and moved.ids == bi.ids
+
+
+def test_symmetric_collate_adds_the_swapped_pairs():
+    tok = FakeTokenizer()
+    quora = read_task_file(FIXTURES / "quora-tiny.csv", "quora").examples[:3]
+    for encoding in ("cross", "bi"):
+        batch = make_collate(tok, "quora", 32, encoding, symmetric=True)(quora)
+        swapped = [replace(ex, text_a=ex.text_b, text_b=ex.text_a) for ex in quora]
+        want = make_collate(tok, "quora", 32, encoding)(swapped)
+        assert batch.swapped is not None and batch.swapped.swapped is None
+        for name in ("input_ids", "token_type_ids", "attention_mask", "input_ids_b", "labels"):
+            a, b = getattr(batch.swapped, name), getattr(want, name)
+            assert (a is None and b is None) or torch.equal(a, b), name
+        assert not torch.equal(batch.input_ids, batch.swapped.input_ids)
+        assert batch.to("cpu").swapped is not None  # moved along with the batch
+    assert make_collate(tok, "quora", 32)(quora).swapped is None
+    with pytest.raises(ValueError, match="symmetric needs a pair task, got 'sst'"):
+        make_collate(tok, "sst", 32, symmetric=True)
 
 
 def test_collate_unlabelled_and_errors():

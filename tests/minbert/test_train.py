@@ -1,4 +1,5 @@
 """The multitask trainer end to end on a tiny random checkpoint and tiny fixture files."""
+import dataclasses
 import json
 import math
 import shutil
@@ -134,6 +135,29 @@ def test_supervised_simcse_bad_options_name_the_problem(tiny_checkpoint, tmp_pat
         with pytest.raises((ValueError, FileNotFoundError, ConfigError), match=message):
             train(load_config(CONFIGS / "simcse.yaml",
                               _overrides(tiny_checkpoint, tmp_path / "bad", "max_steps=1", aux, tasks=("sts",))))
+
+
+def test_symmetric_eval_predicts_from_the_mean_of_both_orders(tiny_checkpoint):
+    from minbert import Tokenizer
+    from minbert import data as data_lib
+    from minbert.multitask import MultitaskModel
+    from minbert.train import predict
+    from minbert.train_config import TaskConfig
+
+    torch.manual_seed(0)
+    task = TaskConfig(name="quora", symmetric_eval=True)
+    model = MultitaskModel(BertModel.from_pretrained(tiny_checkpoint), [task]).eval()
+    tok = Tokenizer.from_pretrained(tiny_checkpoint)
+    examples = data_lib.read_task_file(FIXTURES / "quora-dev.csv", "quora").examples[:12]
+    got = predict(model, data_lib.TaskLoader(examples, 5, task.collate(tok, evaluation=True), shuffle=False), "cpu")
+    with torch.no_grad():
+        plain = model(task.collate(tok)(examples))
+        swapped = model(task.collate(tok)([dataclasses.replace(e, text_a=e.text_b, text_b=e.text_a) for e in examples]))
+    assert not torch.allclose(plain, swapped)  # a cross-encoder is not symmetric by itself
+    assert got["preds"] == (0.5 * (plain + swapped) > 0).long().tolist()
+    assert task.collate(tok).symmetric is False  # training batches are never doubled
+    with pytest.raises(ConfigError, match="tasks.sst.symmetric_eval: task .sst. has one sentence per row"):
+        load_config(CONFIGS / "multitask-joint.yaml", ["tasks.sst.symmetric_eval=true"])
 
 
 def _nan_loss_after(monkeypatch, bad_steps):
