@@ -15,22 +15,45 @@ import torch.nn as nn
 NO_DECAY = ("bias", "LayerNorm.weight", "LayerNorm.bias", "layer_norm", "norm.weight")
 
 
+def _depth(name: str, num_layers: int) -> int:
+    """Depth of an encoder parameter for layer-wise lr decay: embeddings 0, layer i at i + 1, the
+    pooler (and anything else above the layers) at num_layers + 1."""
+    if ".embeddings." in f".{name}":
+        return 0
+    marker = "encoder.layer."
+    if marker in name:
+        return int(name.split(marker, 1)[1].split(".", 1)[0]) + 1
+    return num_layers + 1
+
+
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: Optional[float] = None,
-                 extra: Iterable[nn.Parameter] = ()) -> List[Dict]:
-    """AdamW groups: no weight decay on biases and LayerNorm weights; heads may get their own lr."""
+                 extra: Iterable[nn.Parameter] = (), layer_decay: float = 1.0) -> List[Dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights; heads may get their own lr.
+
+    ``layer_decay`` < 1 is layer-wise lr decay (Clark et al. 2020, ELECTRA; Howard & Ruder 2018's
+    discriminative fine-tuning): an encoder parameter at depth d (embeddings 0, layer i at i + 1,
+    pooler L + 1) gets ``lr · layer_decay^(L + 1 − d)``, so the lower layers, which hold the most
+    general features, move least. Heads keep ``head_lr``.
+    """
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"param_groups: layer_decay must be in (0, 1], got {layer_decay!r}")
+    bert = getattr(model, "bert", None)
+    num_layers = getattr(getattr(bert, "config", None), "num_hidden_layers", 0)
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay = not any(tag in name for tag in NO_DECAY) and p.dim() > 1
         is_head = name.startswith("heads.") or name.startswith("relational.")
-        key = (decay, is_head)
+        depth = num_layers + 1 if is_head or layer_decay == 1 else _depth(name, num_layers)
+        key = (decay, is_head, -depth)
         if key not in groups:
+            scale = layer_decay ** (num_layers + 1 - depth)
             groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
-                           "lr": (head_lr or lr) if is_head else lr, "names": []}
+                           "lr": (head_lr or lr) if is_head else lr * scale, "names": []}
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
-    out = [g for _, g in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    out = [g for _, g in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1], kv[0][2]))]
     extra = [p for p in extra if p.requires_grad]
     if extra:
         out.append({"params": extra, "weight_decay": 0.0, "lr": head_lr or lr, "names": ["weighting"] * len(extra)})

@@ -288,7 +288,8 @@ def train(
     log(f"parameters: {counts['trainable']:,} trainable of {counts['total']:,} "
         f"({100.0 * counts['trainable'] / counts['total']:.2f}%), finetune={cfg.finetune}")
     weighting = build_weighting(cfg.weighting.name, names, **_weighting_options(cfg))
-    groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.head_lr, weighting.parameters())
+    groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.head_lr, weighting.parameters(),
+                          layer_decay=cfg.optim.layer_decay)
     warmup = int(cfg.optim.warmup_ratio * total_steps)
 
     def make_scheduler(optimizer):

@@ -130,8 +130,12 @@ class OptimConfig:
     gamma: float = 0.9  # exponential decay per epoch
     grad_clip: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
+    layer_decay: float = 1.0  # layer-wise lr decay: encoder depth d gets lr * layer_decay^(L + 1 - d)
 
     def validate(self, prefix: str) -> None:
+        if isinstance(self.layer_decay, bool) or not isinstance(self.layer_decay, (int, float)) \
+                or not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"{prefix}.layer_decay must be a number in (0, 1], got {self.layer_decay!r}")
         for key in ("lr", "eps"):
             _positive_float(f"{prefix}.{key}", getattr(self, key))
         if self.head_lr is not None:

@@ -1,0 +1,64 @@
+"""minbert.engine.param_groups: AdamW groups (weight decay, head lr, layer-wise lr decay)."""
+import pytest
+import torch
+
+from minbert import BertConfig, BertModel
+from minbert.engine import param_groups
+from minbert.multitask import MultitaskModel
+from minbert.train_config import ConfigError, OptimConfig, TaskConfig
+
+
+def tiny_model(layers=3):
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=99, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                                intermediate_size=24, max_position_embeddings=32))
+    return MultitaskModel(bert, [TaskConfig(name="sst", head="mlp"), TaskConfig(name="quora")])
+
+
+def by_name(groups):
+    return {n: g for g in groups for n in g["names"]}
+
+
+def test_every_trainable_parameter_once_with_the_right_decay():
+    model = tiny_model()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    groups = param_groups(model, 1e-4, 0.01, head_lr=1e-3)
+    names = [n for g in groups for n in g["names"]]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(names) == sorted(trainable) and len(names) == len(set(names))
+    table = by_name(groups)
+    assert table["bert.encoder.layer.0.attention.self.query.weight"]["weight_decay"] == 0.01
+    for n in ("bert.encoder.layer.0.attention.self.query.bias", "bert.embeddings.LayerNorm.weight",
+              "bert.encoder.layer.2.output.LayerNorm.bias"):
+        assert table[n]["weight_decay"] == 0.0, n
+    assert table["heads.quora.proj.weight"]["lr"] == 1e-3 and table["bert.pooler.dense.weight"]["lr"] == 1e-4
+    assert all(g["initial_lr"] == g["lr"] for g in groups)
+    # without layer decay the grouping is by (decay, head) only
+    assert len(groups) == 4
+
+
+def test_layer_decay_scales_the_lr_by_depth():
+    model = tiny_model(layers=3)
+    lr, decay = 1e-4, 0.5
+    table = by_name(param_groups(model, lr, 0.01, head_lr=1e-3, layer_decay=decay))
+    want = {"bert.embeddings.word_embeddings.weight": lr * decay ** 4,
+            "bert.embeddings.LayerNorm.bias": lr * decay ** 4,
+            "bert.encoder.layer.0.attention.self.query.weight": lr * decay ** 3,
+            "bert.encoder.layer.1.intermediate.dense.bias": lr * decay ** 2,
+            "bert.encoder.layer.2.output.dense.weight": lr * decay,
+            "bert.pooler.dense.weight": lr,
+            "heads.sst.mlp.net.1.weight": 1e-3}
+    for name, value in want.items():
+        assert table[name]["lr"] == pytest.approx(value, rel=1e-12), name
+    # an LR schedule scales every group by the same factor, so the ratios hold all run long
+    groups = param_groups(model, lr, 0.01, layer_decay=decay)
+    opt = torch.optim.AdamW(groups)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    opt.step()
+    sched.step()
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(g["initial_lr"] / 2)
+    with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\], got 0"):
+        param_groups(model, lr, 0.01, layer_decay=0)
+    with pytest.raises(ConfigError, match=r"optim.layer_decay must be a number in \(0, 1\], got 1.5"):
+        OptimConfig(layer_decay=1.5).validate("optim")
