@@ -5,6 +5,7 @@ Task losses, called as ``loss(output, target)``:
 * :func:`cross_entropy` (SST, CFIMDB): logits (B, C), integer labels (B,).
 * :func:`bce_with_logits` (Quora): logits (B,), 0/1 labels (B,).
 * :func:`mse` (STS): scores (B,), gold similarities (B,).
+* :func:`cosent` (STS): the same inputs, a ranking loss over all ordered pairs of the batch.
 
 Embedding losses, on sentence vectors from a bi-encoder:
 
@@ -104,6 +105,27 @@ def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if not target.is_floating_point():
         raise TypeError(f"mse: argument 'target' must be a floating-point tensor, got dtype {target.dtype}")
     return F.mse_loss(output, target.to(output.dtype))
+
+
+def cosent(output: torch.Tensor, target: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """CoSENT (Su 2022; Sentence-Transformers' ``CoSENTLoss``), a ranking loss for similarity scores:
+    every pair of examples whose gold scores are ordered ``y_i > y_j`` should have ``ŷ_i > ŷ_j``::
+
+        L = log(1 + Σ_{(i, j): y_i > y_j} exp(λ (ŷ_j − ŷ_i)))
+
+    ``output``: predicted similarities (B,), e.g. cosines; ``target``: gold scores (B,). Only the
+    order of the targets matters, as for a correlation metric. ``scale`` is λ in the units of
+    ``output``: 20 for cosines, 4 for the ``cosine`` head's 5·cos.
+    """
+    op = "cosent"
+    _check_vector_target(op, output, target)
+    if not target.is_floating_point():
+        raise TypeError(f"cosent: argument 'target' must be a floating-point tensor, got dtype {target.dtype}")
+    lam = _check_positive(op, "scale", scale)
+    diff = lam * (output[None, :] - output[:, None])  # (B, B): [i, j] = λ (ŷ_j − ŷ_i)
+    ordered = target[:, None] > target[None, :]  # (B, B): y_i > y_j
+    terms = torch.cat([diff.new_zeros(1), diff[ordered]])  # the 1 inside the log is exp(0)
+    return torch.logsumexp(terms, dim=0)
 
 
 # --- embedding losses --------------------------------------------------------------------------
@@ -230,6 +252,7 @@ LOSSES: Dict[str, LossSpec] = {
     "cross_entropy": LossSpec(cross_entropy, ("output", "target"), "task"),
     "bce_with_logits": LossSpec(bce_with_logits, ("output", "target"), "task"),
     "mse": LossSpec(mse, ("output", "target"), "task"),
+    "cosent": LossSpec(cosent, ("output", "target"), "task"),
     "cosine_embedding": LossSpec(cosine_embedding, ("u", "v", "target"), "embedding"),
     "simcse_unsup": LossSpec(simcse_unsup, ("z1", "z2"), "embedding"),
     "simcse_sup": LossSpec(simcse_sup, ("anchor", "positive", "hard_negative"), "embedding"),

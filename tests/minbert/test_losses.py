@@ -16,6 +16,7 @@ from minbert.losses import (
     mnrl,
     mse,
     simcse_sup,
+    cosent,
     simcse_unsup,
 )
 
@@ -194,6 +195,30 @@ def test_task_losses_match_torch_and_formulas():
     assert float(mse(s, g)) == pytest.approx(float(((s - g) ** 2).mean()), rel=1e-12)
 
 
+@pytest.mark.parametrize("b", [2, 7])
+def test_cosent_matches_loop(b):
+    out = torch.randn(b, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0, 0.2, 2.6], dtype=torch.float64)[:b]  # a tie (1.0, 1.0)
+
+    def ref(o):
+        total = torch.ones((), dtype=o.dtype)
+        for i in range(b):
+            for j in range(b):
+                if target[i] > target[j]:
+                    total = total + torch.exp(4.0 * (o[j] - o[i]))
+        return torch.log(total)
+
+    assert_loss_and_grads_match(lambda o: cosent(o, target, scale=4.0), ref, (out,))
+    # only the order of the targets counts, and a perfectly ordered, well separated output costs ~0
+    torch.testing.assert_close(cosent(out, target), cosent(out, 3 * target + 1))
+    assert float(cosent(10 * target, target)) < 1e-6
+    assert float(cosent(out[:1], target[:1])) == 0.0  # one example: no ordered pair
+    with pytest.raises(TypeError, match="cosent: argument 'target' must be a floating-point tensor"):
+        cosent(out, torch.arange(b))
+    with pytest.raises(ValueError, match="scale"):
+        build_loss("cosent", scale=0)
+
+
 def test_task_loss_errors():
     with pytest.raises(TypeError, match="cross_entropy: argument 'target' must have dtype"):
         cross_entropy(torch.randn(3, 5), torch.tensor([0.0, 1.0, 2.0]))
@@ -235,7 +260,7 @@ def test_embedding_loss_errors():
 
 def test_build_loss_registry():
     assert set(LOSSES) == {"cross_entropy", "bce_with_logits", "mse", "cosine_embedding", "simcse_unsup",
-                           "simcse_sup", "mnrl"}
+                           "simcse_sup", "mnrl", "cosent"}
     loss = build_loss("simcse_unsup", temperature=0.1)
     assert loss.inputs == ("z1", "z2") and loss.kind == "embedding"
     z1, z2 = torch.randn(4, D), torch.randn(4, D)
