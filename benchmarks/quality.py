@@ -3,7 +3,7 @@
     python benchmarks/quality.py --config configs/multitask-joint.yaml [--set key=value ...]
 
 Trains the recipe with the embedded checkpoint on ``../shared/data/cs224n`` (or ``--data-dir``),
-then writes ``benchmarks/results/quality-<recipe>-<date>.json`` with the best dev metrics, the
+then writes ``benchmarks/results/quality-<recipe or --name>-<date>.json`` with the best dev metrics, the
 train/dev gap on SST, the wall time and the exact command, and prints a markdown row for
 ``benchmarks/RESULTS.md``.
 """
@@ -46,8 +46,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "cs224n"))
+    parser.add_argument("--name", help="label of the run and its result file (default: the recipe's file name)")
     args = parser.parse_args(argv)
-    recipe = Path(args.config).stem
+    recipe = args.name or Path(args.config).stem
     day = datetime.date.today().isoformat()
     run_dir = REPO / "runs" / f"quality-{recipe}"
     overrides = [f"data.dir={args.data_dir}", f"output_dir={run_dir}", "quiet=true", *args.set]
