@@ -142,7 +142,7 @@ class Meter:
         teachers = []
         for obj in gc.get_objects():
             try:
-                is_teacher = type(obj).__name__ == "MomentumTeacher"
+                is_teacher = type(obj).__name__ == "ParameterEMA"
             except ReferenceError:
                 continue
             if is_teacher and obj.shard is not None:

@@ -61,6 +61,9 @@ import torch.nn as nn
 from . import sharded
 from .config import DeepSpeedConfigError, offloads_optimizer, precision_of, zero_stage
 
+# client-state keys that differ per rank: saved by every rank to its own rng_rank<r>.pt
+RANK_LOCAL = ("rng", "regularizers", "ema")
+
 logger = logging.getLogger("minbert.distributed")
 
 
@@ -320,14 +323,15 @@ class DeepSpeedEngineAdapter:
             client["_extra_optimizer"] = {"optimizer": self.extra_optimizer.state_dict(),
                                           "scheduler": self.extra_scheduler.state_dict()}
         # Per-rank state first: RNG states (all ranks are seeded alike, but dropout draws depend on each
-        # rank's batch shapes) and the regularizers' state, which is rank-local (SMART's teacher is
-        # sharded across ranks; DeepSpeed writes client_state from rank 0 only). DeepSpeed updates
+        # rank's batch shapes), the regularizers' state and the weight average, which are rank-local
+        # (SMART's teacher and the EMA are sharded across ranks; DeepSpeed writes client_state from
+        # rank 0 only). DeepSpeed updates
         # 'latest' at the end of its save, so a rank lost mid-save never leaves 'latest' pointing at a
         # tag without them.
         from minbert.checkpoints import atomic_path
 
-        rank_local = {"rng": client.pop("rng", None), "regularizers": client.pop("regularizers", None),
-                      "rank": self.rank, "world_size": self.world_size}
+        rank_local = {key: client.pop(key, None) for key in RANK_LOCAL}
+        rank_local.update(rank=self.rank, world_size=self.world_size)
         (directory / tag).mkdir(parents=True, exist_ok=True)
         with atomic_path(directory / tag / f"rng_rank{self.rank}.pt") as tmp:
             torch.save(rank_local, tmp)
@@ -355,9 +359,11 @@ class DeepSpeedEngineAdapter:
         load_path, client = self.engine.load_checkpoint(str(directory), tag=tag)
         if load_path is None or client is None:
             raise FileNotFoundError(f"--resume: DeepSpeed could not load {directory / tag}")
-        client["rng"] = saved["rng"]
-        if saved.get("regularizers") is not None or "regularizers" not in client:
-            client["regularizers"] = saved.get("regularizers") or {}
+        for key in RANK_LOCAL:  # older checkpoints kept the regularizers in the client state
+            if saved.get(key) is not None or key not in client:
+                client[key] = saved.get(key)
+        if client.get("regularizers") is None:
+            client["regularizers"] = {}
         extra = client.pop("_extra_optimizer", None)
         if self.extra_optimizer is not None:
             if extra is None:

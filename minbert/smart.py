@@ -134,6 +134,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .ema import ParameterEMA as MomentumTeacher  # MBPP's teacher θ̃
 from .regularizers import Regularizer, register
 from .train_config import ConfigError
 
@@ -254,141 +255,6 @@ def _choice(where, name, value, allowed):
     if value not in allowed:
         raise ConfigError(f"{where}: option '{name}' must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     return value
-
-
-class MomentumTeacher:
-    """MBPP's θ̃: one EMA copy of the model's trainable parameters, θ̃ ← (1 − β) θ + β θ̃.
-
-    Every task's :class:`SMART` with the same β shares one teacher (the paper has one θ̃ per model,
-    not one per task). It is a single flat buffer over the trainable parameters in
-    ``named_parameters`` order. Under ``torch.distributed`` with N > 1 ranks (DeepSpeed ZeRO 0-2,
-    whose parameters are whole on every rank) each rank keeps only its 1/N slice of that flat vector,
-    updates the slice from its own copy of θ, and all-gathers the full teacher into a temporary
-    buffer only for the duration of the teacher's forward pass; the persistent per-rank cost is
-    4P/N bytes instead of 4P (fp32).
-    """
-
-    def __init__(self, beta: float, where: str = "smart"):
-        self.beta = beta
-        self.where = where
-        self.names: Optional[List[str]] = None
-        self.shapes: List[torch.Size] = []
-        self.offsets: List[int] = []
-        self.numel = 0
-        self.rank, self.world = 0, 1
-        self.lo = self.hi = 0
-        self.shard: Optional[torch.Tensor] = None  # (hi - lo,) this rank's slice of the flat teacher
-
-    # --- layout -------------------------------------------------------------------------------
-    @staticmethod
-    def _trainable(model) -> Dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-    def _layout(self, params: Dict[str, torch.Tensor]) -> None:
-        dtypes = {p.dtype for p in params.values()}
-        if len(dtypes) > 1:
-            raise RuntimeError(f"{self.where}: MBPP's teacher needs trainable parameters of one dtype, got "
-                               f"{sorted(str(d) for d in dtypes)}")
-        self.names = list(params)
-        self.shapes = [p.shape for p in params.values()]
-        self.offsets, total = [], 0
-        for p in params.values():
-            self.offsets.append(total)
-            total += p.numel()
-        self.numel = total
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        per_rank = -(-total // self.world)  # padded: every rank holds per_rank elements
-        self.lo = min(self.rank * per_rank, total)
-        self.hi = min(self.lo + per_rank, total)
-        self._per_rank = per_rank
-
-    def _segments(self, params: Dict[str, torch.Tensor]):
-        """(flat view of θ's piece, start in the shard, length) for each parameter overlapping [lo, hi)."""
-        for (name, p), off in zip(params.items(), self.offsets):
-            a, b = max(off, self.lo), min(off + p.numel(), self.hi)
-            if a < b:
-                yield p.detach().reshape(-1)[a - off:b - off], a - self.lo, b - a
-
-    def _check(self, params: Dict[str, torch.Tensor]) -> None:
-        if list(params) != self.names or [p.shape for p in params.values()] != self.shapes:
-            raise RuntimeError(f"{self.where}: the teacher holds {len(self.names)} tensors but the model has "
-                               f"{len(params)} trainable parameters with other names or shapes "
-                               f"(was the fine-tune mode changed?)")
-
-    # --- state --------------------------------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        return self.shard is not None
-
-    def ensure(self, model) -> None:
-        """Create θ̃ = θ at the first call; afterwards check the layout and follow θ's device/dtype."""
-        params = self._trainable(model)
-        if self.shard is None:
-            if any(hasattr(p, "ds_id") for p in params.values()):  # DeepSpeed ZeRO-3 partitions the tensors
-                raise RuntimeError(f"{self.where}: MBPP (mu > 0) needs whole parameter tensors for its teacher; "
-                                   "DeepSpeed ZeRO stage 3 partitions them. Use ZeRO stage 0-2, or set mu: 0")
-            self._layout(params)
-            first = next(iter(params.values()))
-            self.shard = torch.empty(self.hi - self.lo, dtype=first.dtype, device=first.device)
-            with torch.no_grad():
-                for src, start, n in self._segments(params):
-                    self.shard[start:start + n].copy_(src)
-            return
-        self._check(params)
-        first = next(iter(params.values()))
-        if self.shard.device != first.device or self.shard.dtype != first.dtype:
-            self.shard = self.shard.to(device=first.device, dtype=first.dtype)
-
-    def update(self, model) -> None:
-        """θ̃ ← (1 − β) θ + β θ̃ on this rank's slice."""
-        if self.shard is None:
-            return
-        params = self._trainable(model)
-        self._check(params)
-        segments = list(self._segments(params))
-        with torch.no_grad():
-            torch._foreach_lerp_([self.shard[s:s + n] for _, s, n in segments], [src for src, _, _ in segments],
-                                 1.0 - self.beta)
-
-    def tensors(self) -> Dict[str, torch.Tensor]:
-        """The full teacher as ``{name: tensor}``: views of the shard with one rank, else views of a
-        freshly all-gathered buffer (free it by dropping the dict)."""
-        if self.shard is None:
-            raise RuntimeError(f"{self.where}: the teacher does not exist yet (no MBPP call so far)")
-        if self.world == 1:
-            flat = self.shard
-        else:
-            flat = self.shard.new_empty(self._per_rank * self.world)
-            local = self.shard.new_zeros(self._per_rank)
-            local[:self.shard.numel()].copy_(self.shard)
-            torch.distributed.all_gather(list(flat.chunk(self.world)), local)
-        return {n: flat[o:o + s.numel()].view(s) for n, s, o in zip(self.names, self.shapes, self.offsets)}
-
-    def state_dict(self) -> Optional[Dict[str, Any]]:
-        """This rank's slice and its place (rank-local state: each rank saves its own)."""
-        if self.shard is None:
-            return None
-        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "rank": self.rank,
-                "world": self.world, "shard": self.shard.detach().clone()}
-
-    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
-        if state is None:
-            self.shard = None
-            return
-        if "shard" not in state:  # a whole teacher {name: tensor} (older checkpoints): rebuild the layout
-            self._layout(state)
-            flat = torch.cat([t.detach().reshape(-1) for t in state.values()])
-            self.shard = flat[self.lo:self.hi].clone()
-            return
-        self.names = list(state["names"])
-        self.shapes = [torch.Size(s) for s in state["shapes"]]
-        self._layout({n: torch.empty(s, device="meta") for n, s in zip(self.names, self.shapes)})
-        if (self.rank, self.world) != (state["rank"], state["world"]):
-            raise ValueError(f"{self.where}: this teacher slice was saved by rank {state['rank']} of "
-                             f"{state['world']}, but this is rank {self.rank} of {self.world}; resume with "
-                             f"the same number of ranks")
-        self.shard = state["shard"].detach().clone()
 
 
 # --- the regularizer -----------------------------------------------------------------------------

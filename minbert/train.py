@@ -38,6 +38,7 @@ from .losses import build_loss
 from .metrics import append_jsonl, confusion_matrix, overall_score, plot_confusion, plot_curves, task_metric, write_predictions
 from .model import BertModel
 from .multitask import MultitaskModel, predict_from_output
+from .ema import ParameterEMA
 from .regularizers import REGULARIZERS, RegularizerContext, build_regularizers
 from .schedules import build_lr_scheduler, build_task_sampler
 from .tokenizer import Tokenizer
@@ -306,6 +307,10 @@ def train(
         # an engine whose gradients live in shards (DeepSpeed ZeRO) supplies its own PCGrad
         weighting = getattr(engine, "wrap_weighting", lambda w: w)(weighting)
     shared_params = model.shared_parameters()
+    # weight averaging for evaluation (cfg.ema): θ̄ = θ now, so a ZeRO-3 run is refused before training
+    ema = ParameterEMA(cfg.ema, where="ema", warmup=True, dtype=torch.float32) if cfg.ema else None
+    if ema is not None:
+        ema.ensure(model)
     # with several ranks: agree on skipping, log the mean over ranks (identity for the local engine)
     all_true = getattr(engine, "all_true", lambda flag: flag)
     rank_mean = getattr(engine, "rank_mean", lambda values: values)
@@ -326,6 +331,10 @@ def train(
             for reg, state in zip(regularizers[t], states):
                 reg.load_state_dict(state)
         sampler.load_state_dict(client["sampler"])  # refuses a checkpoint of another schedule
+        if ema is not None:
+            if client.get("ema") is None:
+                raise ValueError(f"--resume: {resume} was saved without 'ema'; resume with the run's own config")
+            ema.load_state_dict(client["ema"])
         set_rng_state(client["rng"])
         log(f"resumed from {resume} at step {start_step} (best dev overall {best:.4f})")
     iterators = {t: iter(loader) for t, loader in train_loaders.items()}
@@ -342,10 +351,15 @@ def train(
             "step": step, "best": best, "nan_run": nan_run, "nan_total": nan_total, "epoch_losses": epoch_losses,
             "weighting": weighting.state_dict(), "loaders": {t: l.state_dict() for t, l in train_loaders.items()},
             "regularizers": {t: [r.state_dict() for r in regs] for t, regs in regularizers.items()},
-            "rng": rng_state(), "sampler": sampler.state_dict(),
+            "rng": rng_state(), "sampler": sampler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
         }
 
     def run_eval(step):
+        # with cfg.ema the averaged weights are evaluated (and saved as best); training goes on from θ
+        with ema.swapped_in(model) if ema is not None else contextlib.nullcontext():
+            return evaluate_and_keep_best(step)
+
+    def evaluate_and_keep_best(step):
         nonlocal best
         metrics, outputs = evaluate(model, dev_loaders, device)
         epoch = step / steps_per_epoch
@@ -443,6 +457,8 @@ def train(
         for regs in regularizers.values():
             for reg in regs:
                 reg.after_step(model)
+        if ema is not None:
+            ema.update(model)
         # log
         if progress is not None:
             progress.update(1)

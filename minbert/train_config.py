@@ -200,8 +200,13 @@ class TrainConfig:
     save_best: bool = True
     save_every: Optional[int] = None  # steps between resumable checkpoints; None = once per epoch
     predict: bool = True  # write dev/test prediction files for the best model at the end
+    ema: Optional[float] = None  # β of a moving average of the weights used for evaluation (e.g. 0.999)
 
     def validate(self) -> "TrainConfig":
+        if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(self.ema, (int, float))
+                                     or not 0 < self.ema < 1):
+            raise ConfigError(f"ema must be a number in (0, 1) (the moving average's β, e.g. 0.999) or null, "
+                              f"got {self.ema!r}")
         _choice("attn_implementation", self.attn_implementation, ("torch", "math", "triton"))
         _choice("finetune", self.finetune, FINETUNE_MODES)
         if self.lora:

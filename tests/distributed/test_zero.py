@@ -111,6 +111,25 @@ def test_zero2_smart_resume_restores_each_ranks_teacher_slice(smart_run, launch,
     assert sorted({s for s, _ in want}) == [4, 5] and got == want
 
 
+def dev_scores(run_dir):
+    return {(r["step"], r["task"]): r["overall"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text()
+                                                              .splitlines()) if r.get("split") == "dev"}
+
+
+def test_zero2_weight_average_evaluates_like_single_process(launch, recipe, tools, tmp_path):
+    """ema: each rank keeps half of θ̄ and all-gathers it for evaluation: the single process's dev scores."""
+    sets = ["--set", "ema=0.9", "--set", "eval_every=3"]
+    tools.run_single(recipe(SIZES["single_batch"]), f"output_dir={tmp_path / 'single'}", *sets[1::2])
+    launch(recipe(SIZES["rank_batch"]), "distributed/configs/zero2.json", "--set", f"output_dir={tmp_path / 'ds'}",
+           *sets)
+    want, got = dev_scores(tmp_path / "single"), dev_scores(tmp_path / "ds")
+    assert want.keys() == got.keys() and {s for s, _ in want} == {3, 5}
+    assert all(abs(want[k] - got[k]) <= 1e-5 for k in want), (want, got)
+    plain = tmp_path / "plain"
+    tools.run_single(recipe(SIZES["single_batch"]), f"output_dir={plain}", "eval_every=3")
+    assert max(abs(dev_scores(plain)[k] - want[k]) for k in want) > 1e-6  # the average was evaluated
+
+
 def test_exported_model_reloads_with_identical_outputs(pcgrad_run, tiny_ckpt, tools):
     from minbert import BertModel
     from minbert.distributed.checkpoint import main as export_main
