@@ -78,8 +78,9 @@ def check_supported(stage: int, weighting_name: str) -> None:
 
 
 def check_stage3_regularizers(stage: int, cfg) -> None:
-    """SMART keeps a teacher copy of the trainable parameters and runs the model on it; under ZeRO-3
-    the parameters it would copy are empty partitions."""
+    """SMART keeps a teacher copy of the trainable parameters and runs the model on it, and ``ema``
+    swaps a weight average in for evaluation; under ZeRO-3 the parameters they would copy are empty
+    partitions."""
     uses_smart = (cfg.smart is not None and cfg.smart.get("enabled", True)) or any(
         t.smart is not None and t.smart.get("enabled", True) for t in cfg.tasks)
     if stage == 3 and uses_smart:
@@ -87,6 +88,11 @@ def check_stage3_regularizers(stage: int, cfg) -> None:
             "smart is not supported with ZeRO stage 3: its Bregman teacher copies the trainable parameters and "
             "runs the model with them, but under ZeRO-3 each rank only holds empty placeholders for parameters it "
             "does not own. Use ZeRO stage 0-2 (which keep full parameters on every rank).")
+    if stage == 3 and getattr(cfg, "ema", None):
+        raise ShardedPCGradError(
+            "ema (weight averaging for evaluation) is not supported with ZeRO stage 3: it copies the trainable "
+            "parameters into the average and back, but under ZeRO-3 each rank only holds empty placeholders for "
+            "parameters it does not own. Use ZeRO stage 0-2, or drop ema.")
 
 
 # --- collectives --------------------------------------------------------------------------------

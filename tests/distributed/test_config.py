@@ -108,6 +108,7 @@ def _launch_main(monkeypatch, capsys, tmp_path, *args, world=2):
     (["--deepspeed_config", "zero3", "--set", "weighting.name=gse"], "DeepSpeed issues #3539 and #7352"),
     (["--deepspeed_config", "zero3", "--set", "weighting.name=uncertainty"], "'uncertainty' is not supported with ZeRO stage 3"),
     (["--deepspeed_config", "zero3", "--set", "smart={}"], "smart is not supported with ZeRO stage 3"),
+    (["--deepspeed_config", "zero3", "--set", "ema=0.99"], "ema (weight averaging for evaluation) is not supported"),
     (["--deepspeed_config", "nope"], "does not exist (shipped configs: ['zero0', 'zero1', 'zero2'"),
     (["--deepspeed_config", "zero2", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
 ])
