@@ -28,8 +28,8 @@ optimizer, lr_scheduler, config)``. How the trainer's calls map onto DeepSpeed:
     schedules, like ``LocalEngine.skip_step``.
 ``save_checkpoint(dir, client_state)`` / ``load_checkpoint(dir)``
     ``engine.save_checkpoint(dir, tag="step<N>", client_state=...)`` on every rank (each writes its
-    optimizer partition; the ``latest`` file is rewritten only after every rank finished, so a
-    crash mid-save leaves the previous checkpoint loadable). RNG states differ per rank (dropout
+    optimizer partition; rank 0 replaces the ``latest`` file atomically only after every rank
+    finished, so a rank lost mid-save leaves the previous checkpoint loadable). RNG states differ per rank (dropout
     draws depend on the rank's batch shapes) and so does the regularizers' state (SMART's teacher
     is sharded across ranks), so each rank also writes both to its own ``rng_rank<r>.pt``.
     Tags beyond the newest ``keep_checkpoints`` are deleted by rank 0.
@@ -325,9 +325,10 @@ class DeepSpeedEngineAdapter:
         # Per-rank state first: RNG states (all ranks are seeded alike, but dropout draws depend on each
         # rank's batch shapes), the regularizers' state and the weight average, which are rank-local
         # (SMART's teacher and the EMA are sharded across ranks; DeepSpeed writes client_state from
-        # rank 0 only). DeepSpeed updates
-        # 'latest' at the end of its save, so a rank lost mid-save never leaves 'latest' pointing at a
-        # tag without them.
+        # rank 0 only). DeepSpeed's own 'latest' is written by rank 0 as soon as rank 0's files are
+        # done, before its closing barrier, so a rank lost while writing its optimizer partition would
+        # leave 'latest' naming a torn tag. We pass save_latest=False and rank 0 replaces 'latest'
+        # atomically only after a barrier that every rank reaches when all of its files are written.
         from minbert.checkpoints import atomic_path
 
         rank_local = {key: client.pop(key, None) for key in RANK_LOCAL}
@@ -337,11 +338,15 @@ class DeepSpeedEngineAdapter:
             torch.save(rank_local, tmp)
         if self.world_size > 1:
             dist.barrier()
-        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client)
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state=client, save_latest=False)
         if self.world_size > 1:
             dist.barrier()
         if self.is_main:
+            with atomic_path(directory / "latest") as tmp:
+                tmp.write_text(tag)
             _prune_tags(directory, keep=self.keep_checkpoints, current=tag)
+        if self.world_size > 1:
+            dist.barrier()  # no rank goes on (and may save again) before 'latest' names this tag
 
     def load_checkpoint(self, directory) -> Dict:
         directory = Path(directory)

@@ -13,12 +13,12 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def _start_ranks(config, run_dir, port, timeout_s, repo):
+def _start_ranks(config, run_dir, port, timeout_s, repo, entry=("-m", "minbert.distributed.launch")):
     procs = []
     for rank in range(2):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                    LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "minbert.distributed.launch", "--config", str(config), "--deepspeed_config",
+        cmd = [sys.executable, *entry, "--config", str(config), "--deepspeed_config",
                "zero2", "--set", f"output_dir={run_dir}", "--set", "max_steps=2000", "--set", "epochs=1000",
                "--set", "save_every=2", "--set", "eval_every=100000", "--dist-timeout", str(timeout_s)]
         procs.append(subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -83,4 +83,28 @@ def test_a_lost_rank_stops_the_other_with_a_clear_error(how, recipe, tools, tmp_
         assert survivor.returncode == 1, err[-3000:]
         assert "a collective operation failed" in err and "Another rank probably died or stalled" in err, err[-3000:]
         assert "stays loadable with --resume" in err
+    _checkpoint_is_loadable(run_dir)
+
+
+def test_a_rank_lost_mid_save_leaves_the_previous_checkpoint_latest(recipe, tools, tmp_path):
+    """Rank 1 dies while writing its optimizer partition of the second checkpoint (step 4): rank 0 has
+    written all of its own files by then, but 'latest' must still name step 2, which loads."""
+    run_dir = tmp_path / "run"
+    timeout_s = 15
+    worker = str(tools.repo / "tests" / "distributed" / "midsave_worker.py")
+    procs = _start_ranks(recipe(4), run_dir, _free_port(), timeout_s, tools.repo, entry=(worker,))
+    survivor, victim = procs
+    try:
+        _, err = survivor.communicate(timeout=timeout_s + 120)
+        victim.wait(timeout=30)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+    assert victim.returncode == 9, victim.communicate()[1][-3000:]
+    assert survivor.returncode != 0, err[-3000:]
+    tag_dir = run_dir / "checkpoint" / "step4"
+    assert (tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()  # rank 0 got that far
+    assert (run_dir / "checkpoint" / "latest").read_text().strip() == "step2"
     _checkpoint_is_loadable(run_dir)
