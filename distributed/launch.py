@@ -107,6 +107,12 @@ def _is_collective_failure(e: BaseException) -> bool:
         "gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout", "broken pipe"))
 
 
+# set when a collective failed: the process group's transport threads can then abort the process
+# ("terminate called without an active exception") while the interpreter shuts down, which would
+# turn exit status 1 into SIGABRT. The command-line entry then leaves with os._exit after flushing.
+_GROUP_BROKEN = [False]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     rank = _env_int("RANK", 0)
@@ -225,6 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             _say(rank, f"error: a collective operation failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
                        f"Another rank probably died or stalled (timeout {args.dist_timeout:.0f} s). The last complete "
                        f"checkpoint in {Path(cfg.output_dir) / 'checkpoint'} stays loadable with --resume.")
+            _GROUP_BROKEN[0] = True
         else:
             traceback.print_exc()
             _say(rank, f"error: {type(e).__name__}: {e}")
@@ -238,5 +245,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     return code
 
 
+def _exit(code: int) -> None:
+    if _GROUP_BROKEN[0]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -24,6 +24,6 @@ def _dies_on_second_save(self, save_path, tag):
 DeepSpeedEngine._save_zero_checkpoint = _dies_on_second_save
 
 if __name__ == "__main__":
-    from minbert.distributed.launch import main
+    from minbert.distributed.launch import _exit, main
 
-    sys.exit(main(sys.argv[1:]))
+    _exit(main(sys.argv[1:]))
