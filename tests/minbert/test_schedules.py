@@ -291,7 +291,7 @@ def test_staged_errors(stages, match):
     ("random", {"multiplier": float("nan")}, "multiplier must be"),
     ("random", {"weights": {"sst": 1, "quora": 1, "sts": 1}}, "unknown options"),
     ("proportional", {"weights": {"sst": 1, "quora": 1}}, r"weights lack tasks \['sts'\]"),
-    ("proportional", {"weights": {"sst": 1, "quora": 1, "sts": 1, "x": 1}}, r"weights name tasks \['x'\]"),
+    ("proportional", {"weights": {"sst": 1, "quora": 1, "sts": 1, "x": 1}}, r"'weights' refers to tasks \['x'\]"),
     ("proportional", {"weights": {"sst": 1, "quora": 0, "sts": 1}}, r"weights\['quora'\] must be"),
     ("proportional", {"alpha": -1}, "alpha must be"),
     ("proportional", {"alpha": 1, "temperature": 2}, "not both"),
