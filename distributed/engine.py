@@ -29,9 +29,10 @@ optimizer, lr_scheduler, config)``. How the trainer's calls map onto DeepSpeed:
 ``save_checkpoint(dir, client_state)`` / ``load_checkpoint(dir)``
     ``engine.save_checkpoint(dir, tag="step<N>", client_state=...)`` on every rank (each writes its
     optimizer partition; rank 0 replaces the ``latest`` file atomically only after every rank
-    finished, so a rank lost mid-save leaves the previous checkpoint loadable). RNG states differ per rank (dropout
-    draws depend on the rank's batch shapes) and so does the regularizers' state (SMART's teacher
-    is sharded across ranks), so each rank also writes both to its own ``rng_rank<r>.pt``.
+    finished, so a rank lost mid-save leaves the previous checkpoint loadable). RNG states differ
+    per rank (dropout draws depend on the rank's batch shapes) and so does the regularizers' state
+    (SMART's teacher is sharded across ranks), so each rank also writes both to its own
+    ``rng_rank<r>.pt``.
     Tags beyond the newest ``keep_checkpoints`` are deleted by rank 0.
 
 Parameters the optimizer trains that are not module parameters (uncertainty weighting's
@@ -345,8 +346,6 @@ class DeepSpeedEngineAdapter:
             with atomic_path(directory / "latest") as tmp:
                 tmp.write_text(tag)
             _prune_tags(directory, keep=self.keep_checkpoints, current=tag)
-        if self.world_size > 1:
-            dist.barrier()  # no rank goes on (and may save again) before 'latest' names this tag
 
     def load_checkpoint(self, directory) -> Dict:
         directory = Path(directory)

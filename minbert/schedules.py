@@ -505,14 +505,12 @@ def _check_batches(name: str, tasks: List[str], batches_per_epoch: Dict[str, int
     return {t: int(batches_per_epoch[t]) for t in tasks}
 
 
-def _check_covers(name: str, field: str, given: List[str], tasks: List[str], missing_message: str) -> None:
-    """``given`` names only known tasks, and every task (``missing_message`` formats the missing ones)."""
+def _missing_tasks(name: str, field: str, given: List[str], tasks: List[str]) -> List[str]:
+    """Refuses names in ``given`` that are not among ``tasks``; returns the tasks ``given`` leaves out."""
     unknown = [t for t in given if t not in tasks]
     if unknown:
         raise ValueError(f"{name}: '{field}' refers to tasks {unknown} that are not among the tasks {tasks}")
-    missing = [t for t in tasks if t not in given]
-    if missing:
-        raise ValueError(f"{name}: " + missing_message.format(missing))
+    return [t for t in tasks if t not in given]
 
 
 def _check_order(name: str, tasks: List[str], order: Optional[Sequence[str]], allows_repeats: bool) -> List[str]:
@@ -520,8 +518,9 @@ def _check_order(name: str, tasks: List[str], order: Optional[Sequence[str]], al
         return list(tasks)
     if isinstance(order, str) or not isinstance(order, Sequence) or not order:
         raise ValueError(f"{name}: order must be a non-empty list of task names, got {order!r}")
-    _check_covers(name, "order", list(order), tasks,
-                  f"order {list(order)} leaves out tasks {{}}; every task must appear")
+    missing = _missing_tasks(name, "order", list(order), tasks)
+    if missing:
+        raise ValueError(f"{name}: order {list(order)} leaves out tasks {missing}; every task must appear")
     if not allows_repeats and len(set(order)) != len(order):
         raise ValueError(f"{name}: order {list(order)} repeats a task; only 'round_robin' accepts repeats")
     return list(order)
@@ -530,7 +529,9 @@ def _check_order(name: str, tasks: List[str], order: Optional[Sequence[str]], al
 def _check_weights(name: str, tasks: List[str], weights: Dict[str, float]) -> Dict[str, float]:
     if not isinstance(weights, dict):
         raise ValueError(f"{name}: weights must be a dict {{task: weight}}, got {weights!r}")
-    _check_covers(name, "weights", list(weights), tasks, "weights lack tasks {}")
+    missing = _missing_tasks(name, "weights", list(weights), tasks)
+    if missing:
+        raise ValueError(f"{name}: weights lack tasks {missing}")
     for t, w in weights.items():
         if not _is_number(w) or not math.isfinite(w) or w <= 0:
             raise ValueError(f"{name}: weights[{t!r}] must be a finite number > 0, got {w!r}")
