@@ -534,6 +534,7 @@ class Batch:
     attention_mask_b: Optional[torch.Tensor] = None  # (B, L_b)
     token_type_ids_b: Optional[torch.Tensor] = None  # (B, L_b)
     swapped: Optional["Batch"] = None  # the same pairs with sentences swapped (symmetric evaluation)
+    cross: Optional["Batch"] = None  # hybrid pair encoding: the same pairs cross-encoded (B, L_x)
 
     @property
     def size(self) -> int:
@@ -567,15 +568,19 @@ class Collator:
     """Callable turning a list of :class:`Example` of one task into a :class:`Batch` (picklable)."""
 
     def __init__(self, tokenizer, task: Union[str, TaskSpec], max_length: int, pair_encoding: str = "cross",
-                 symmetric: bool = False):
+                 symmetric: bool = False, cross_max_length: Optional[int] = None):
         self.spec = get_task_spec(task)
         if symmetric and not self.spec.is_pair:
             raise ValueError(f"make_collate: symmetric needs a pair task, got {self.spec.name!r}")
         self.symmetric = bool(symmetric)
-        if pair_encoding not in ("cross", "bi"):
-            raise ValueError(f"make_collate: pair_encoding must be 'cross' or 'bi', got {pair_encoding!r}")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"make_collate: max_length must be an integer >= 2, got {max_length!r}")
+        if pair_encoding not in ("cross", "bi", "hybrid"):
+            raise ValueError(f"make_collate: pair_encoding must be 'cross', 'bi' or 'hybrid', got {pair_encoding!r}")
+        for name, value in (("max_length", max_length), ("cross_max_length", cross_max_length)):
+            if value is None and name == "cross_max_length":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ValueError(f"make_collate: {name} must be an integer >= 2, got {value!r}")
+        self.cross_max_length = cross_max_length if cross_max_length is not None else 2 * max_length
         if not callable(tokenizer):
             raise TypeError(f"make_collate: tokenizer must be callable, got {type(tokenizer).__name__}")
         self.tokenizer = tokenizer
@@ -610,9 +615,11 @@ class Collator:
             enc = self._encode(texts_a, [ex.text_b for ex in examples])
         else:
             enc = self._encode(texts_a)
-            if self.pair_encoding == "bi":
+            if self.pair_encoding in ("bi", "hybrid"):
                 enc_b = self._encode([ex.text_b for ex in examples])
                 kw = {f"{k}_b": v for k, v in enc_b.items()}
+            if self.pair_encoding == "hybrid":  # the same pairs as one sequence, for the cross member
+                kw["cross"] = Collator(self.tokenizer, spec, self.cross_max_length, "cross")(examples)
         n_labelled = sum(ex.label is not None for ex in examples)
         if n_labelled == 0:
             labels = None
@@ -630,20 +637,23 @@ class Collator:
 
     def _plain(self, examples: Sequence[Example]) -> Batch:
         plain = Collator(self.tokenizer, self.spec, self.max_length,
-                         "cross" if self.pair_encoding == "single" else self.pair_encoding)
+                         "cross" if self.pair_encoding == "single" else self.pair_encoding,
+                         cross_max_length=self.cross_max_length)
         return plain(examples)
 
 
 def make_collate(tokenizer, task: Union[str, TaskSpec], max_length: int, pair_encoding: str = "cross",
-                 symmetric: bool = False) -> Collator:
+                 symmetric: bool = False, cross_max_length: Optional[int] = None) -> Collator:
     """Collate function for one task: dynamic padding to the longest row, truncation at ``max_length``.
 
     ``pair_encoding`` applies to pair tasks: ``"cross"`` encodes ``[CLS] a [SEP] b [SEP]`` with
-    token types 0/1 in one sequence; ``"bi"`` encodes a and b separately (``*_b`` tensors).
+    token types 0/1 in one sequence; ``"bi"`` encodes a and b separately (``*_b`` tensors);
+    ``"hybrid"`` does both: a and b separately, and the pair as one sequence of at most
+    ``cross_max_length`` tokens (default ``2 * max_length``) in ``Batch.cross``.
     ``symmetric=True`` (pair tasks) also collates every pair in the other order into
     ``Batch.swapped``, for evaluation that averages both orders.
     """
-    return Collator(tokenizer, task, max_length, pair_encoding, symmetric)
+    return Collator(tokenizer, task, max_length, pair_encoding, symmetric, cross_max_length)
 
 
 # --------------------------------------------------------------------------------------------------

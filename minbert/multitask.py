@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .heads import PairFeatures, SentenceFeatures, build_head
+from .heads import HybridFeatures, HybridHead, PairFeatures, SentenceFeatures, build_head
 from .model import BertModel
 from .pooling import pool
 from .train_config import NUM_CLASSES, TaskConfig
@@ -39,6 +39,14 @@ class MultitaskModel(nn.Module):
                                            **t.head_options)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"tasks.{t.name}.head: {e}") from None
+            if t.pair_encoding == "hybrid":  # heads[t] becomes the bi member, beside a cross member
+                h = t.hybrid_options
+                try:
+                    cross = build_head(h["head"], hidden, t.kind, num_classes=num_classes, shared=shared,
+                                       **h["head_options"])
+                    heads[t.name] = HybridHead(heads[t.name], cross, h["weight"])
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"tasks.{t.name}.hybrid: {e}") from None
         self.heads = nn.ModuleDict(heads)
         # When set to k, the next forward keeps the input of encoder layer k of each sentence in
         # ``self.captured`` (with its autograd graph): SMART at layer k perturbs it and re-runs only
@@ -55,16 +63,21 @@ class MultitaskModel(nn.Module):
 
     # --- encoder inputs --------------------------------------------------------------------
     def embed(self, batch) -> List[torch.Tensor]:
-        """Encoder inputs for the batch: one (B, L, H) tensor, or two for a bi-encoded pair."""
+        """Encoder inputs for the batch: one (B, L, H) tensor, two for a bi-encoded pair, and the
+        cross-encoded pair (B, L_x, H) third for a hybrid one."""
         inputs = [self.bert.embed(batch.input_ids, batch.token_type_ids)]
         if batch.input_ids_b is not None:
             inputs.append(self.bert.embed(batch.input_ids_b, batch.token_type_ids_b))
+        if batch.cross is not None:
+            inputs.append(self.bert.embed(batch.cross.input_ids, batch.cross.token_type_ids))
         return inputs
 
     def masks(self, batch) -> List[torch.Tensor]:
         out = [batch.attention_mask]
         if batch.input_ids_b is not None:
             out.append(batch.attention_mask_b)
+        if batch.cross is not None:
+            out.append(batch.cross.attention_mask)
         return out
 
     def hidden_at(self, batch, layer: int) -> List[torch.Tensor]:
@@ -92,7 +105,8 @@ class MultitaskModel(nn.Module):
         feats = []
         capture = self.capture_layer
         self.captured = [] if capture is not None else None
-        for inp, mask in zip(inputs, self.masks(batch)):
+        poolings = [task.pooling, task.pooling, task.hybrid_options["pooling"]]  # a, b, cross (hybrid)
+        for inp, mask, pooling in zip(inputs, self.masks(batch), poolings):
             if capture is not None and capture > start_layer:
                 out = self.bert(attention_mask=mask, encoder_input=inp, start_layer=start_layer, output_hidden_states=True)
                 self.captured.append(out.hidden_states[capture - start_layer])
@@ -100,13 +114,20 @@ class MultitaskModel(nn.Module):
                 if capture is not None:
                     self.captured.append(inp)
                 out = self.bert(attention_mask=mask, encoder_input=inp, start_layer=start_layer)
-            pooled = pool(out.last_hidden_state, mask, task.pooling, pooler_output=out.pooler_output)  # (B, H)
+            pooled = pool(out.last_hidden_state, mask, pooling, pooler_output=out.pooler_output)  # (B, H)
             feats.append(SentenceFeatures(hidden=out.last_hidden_state, mask=mask, pooled=pooled))
-        return feats[0] if len(feats) == 1 else PairFeatures(a=feats[0], b=feats[1])
+        if len(feats) == 1:
+            return feats[0]
+        pair = PairFeatures(a=feats[0], b=feats[1])
+        return pair if len(feats) == 2 else HybridFeatures(pair=pair, cross=feats[2])
 
     def forward(self, batch, inputs: Optional[List[torch.Tensor]] = None, start_layer: int = 0) -> torch.Tensor:
         """The task output for ``batch.task``: logits (B, C), a logit (B,) or a score (B,)."""
         return self.heads[batch.task](self.features(batch, inputs, start_layer))
+
+    def task_loss(self, task: str, loss_fn):
+        """The loss ``loss(output, labels)`` that trains task ``task``'s head (a hybrid head averages its members')."""
+        return self.heads[task].wrap_loss(loss_fn)
 
     def head_parameters(self) -> List[nn.Parameter]:
         return [p for p in self.heads.parameters() if p.requires_grad]

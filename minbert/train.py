@@ -16,7 +16,6 @@ behind its own interface; the loop never branches on method names.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -283,6 +282,7 @@ def train(
     # model, optimizer, engine ---------------------------------------------------------------
     bert = BertModel.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation)
     model = MultitaskModel(bert, cfg.tasks)
+    loss_fns = {t: model.task_loss(t, fn) for t, fn in loss_fns.items()}
     prepare(model, cfg)
     model.to(device).train()
     counts = count_parameters(model)

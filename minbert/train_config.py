@@ -33,6 +33,10 @@ DEFAULT_FILES = {
 }
 DEFAULT_LOSS = {"sst": "cross_entropy", "cfimdb": "cross_entropy", "quora": "bce_with_logits", "sts": "mse"}
 FINETUNE_MODES = ("full-model", "last-linear-layer", "lora")
+# The cross-encoder member of ``pair_encoding: hybrid``: its head, pooling and length, and the weight
+# of the bi-encoder member in the combined output (``w * bi + (1 - w) * cross``). max_length None: 2x
+# the task's max_length.
+HYBRID_DEFAULTS = {"head": "linear", "head_options": {}, "pooling": "cls", "max_length": None, "weight": 0.5}
 
 
 @dataclass
@@ -46,7 +50,9 @@ class TaskConfig:
     max_length: int = 128
     batch_size: int = 32
     pooling: str = "cls"  # cls | pooler | mean
-    pair_encoding: str = "cross"  # cross | bi (pair tasks only)
+    pair_encoding: str = "cross"  # cross | bi | hybrid (pair tasks only)
+    # pair_encoding: hybrid - the bi-encoder head above plus a cross-encoder member; keys in HYBRID_DEFAULTS
+    hybrid: Dict[str, Any] = field(default_factory=dict)
     head: str = "linear"
     head_options: Dict[str, Any] = field(default_factory=dict)
     loss: Optional[str] = None  # default per task (DEFAULT_LOSS)
@@ -65,7 +71,8 @@ class TaskConfig:
         _positive_int(f"{prefix}.max_length", self.max_length)
         _positive_int(f"{prefix}.batch_size", self.batch_size)
         _choice(f"{prefix}.pooling", self.pooling, ("cls", "pooler", "mean"))
-        _choice(f"{prefix}.pair_encoding", self.pair_encoding, ("cross", "bi"))
+        _choice(f"{prefix}.pair_encoding", self.pair_encoding, ("cross", "bi", "hybrid"))
+        self._validate_hybrid(prefix)
         if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) or self.weight < 0:
             raise ConfigError(f"{prefix}.weight must be a finite number >= 0, got {self.weight!r}")
         for key in ("max_train_examples", "max_dev_examples"):
@@ -77,6 +84,36 @@ class TaskConfig:
             if getattr(self, key) and not self.is_pair:
                 raise ConfigError(f"{prefix}.{key}: task {self.name!r} has one sentence per row; swapping needs "
                                   f"a pair task (quora, sts)")
+
+    def _validate_hybrid(self, prefix: str) -> None:
+        if not isinstance(self.hybrid, dict):
+            raise ConfigError(f"{prefix}.hybrid must be a mapping, got {type(self.hybrid).__name__}")
+        if self.pair_encoding == "hybrid" and not self.is_pair:
+            raise ConfigError(f"{prefix}.pair_encoding: 'hybrid' needs a pair task (quora, sts); "
+                              f"task {self.name!r} has one sentence per row")
+        if self.hybrid and self.pair_encoding != "hybrid":
+            raise ConfigError(f"{prefix}.hybrid is set but pair_encoding is {self.pair_encoding!r}; "
+                              "set pair_encoding: hybrid or drop it")
+        unknown = sorted(k for k in self.hybrid if k not in HYBRID_DEFAULTS)
+        if unknown:
+            raise ConfigError(f"{prefix}.hybrid.{unknown[0]}: unknown key; valid keys: {sorted(HYBRID_DEFAULTS)}")
+        h = self.hybrid_options
+        _choice(f"{prefix}.hybrid.pooling", h["pooling"], ("cls", "pooler", "mean"))
+        _positive_int(f"{prefix}.hybrid.max_length", h["max_length"])
+        if not isinstance(h["head"], str):
+            raise ConfigError(f"{prefix}.hybrid.head must be a head name, got {h['head']!r}")
+        if not isinstance(h["head_options"], dict):
+            raise ConfigError(f"{prefix}.hybrid.head_options must be a mapping, got {h['head_options']!r}")
+        w = h["weight"]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1:
+            raise ConfigError(f"{prefix}.hybrid.weight must be a number in [0, 1], got {w!r}")
+
+    @property
+    def hybrid_options(self) -> Dict[str, Any]:
+        """The cross-encoder member of a hybrid pair task, defaults filled in (max_length: 2x the task's)."""
+        out = dict(HYBRID_DEFAULTS, max_length=2 * self.max_length)
+        out.update(self.hybrid)
+        return out
 
     @property
     def kind(self) -> str:
@@ -95,7 +132,8 @@ class TaskConfig:
         from .data import make_collate
 
         return make_collate(tokenizer, self.name, self.max_length, self.pair_encoding,
-                            symmetric=evaluation and self.symmetric_eval)
+                            symmetric=evaluation and self.symmetric_eval,
+                            cross_max_length=self.hybrid_options["max_length"])
 
     def files(self, data_dir: Union[str, Path]) -> Dict[str, Optional[Path]]:
         defaults = DEFAULT_FILES[self.name]

@@ -385,7 +385,7 @@ def test_collate_unlabelled_and_errors():
         make_collate(tok, "sst", 16)(quora[:2])
     with pytest.raises(ValueError, match="empty list"):
         make_collate(tok, "quora", 16)([])
-    with pytest.raises(ValueError, match="pair_encoding must be 'cross' or 'bi'"):
+    with pytest.raises(ValueError, match="pair_encoding must be 'cross', 'bi' or 'hybrid'"):
         make_collate(tok, "quora", 16, pair_encoding="siamese")
     with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
         make_collate(tok, "quora", 1)
@@ -582,3 +582,28 @@ def test_real_files_parse(data_dir):
             assert not data.skipped, data.summary()
     sts = read_cs224n(data_dir, "sts", "dev")
     assert not any(math.isnan(e.label) for e in sts.examples)
+
+
+def test_hybrid_collate_holds_the_bi_and_the_cross_encoding():
+    tok = FakeTokenizer()
+    exs = read_task_file(FIXTURES / "sts-tiny.csv", "sts").examples[:3]
+    batch = make_collate(tok, "sts", 8, "hybrid", cross_max_length=12)(exs)
+    bi = make_collate(tok, "sts", 8, "bi")(exs)
+    cross = make_collate(tok, "sts", 12, "cross")(exs)
+    for name in ("input_ids", "attention_mask", "input_ids_b", "attention_mask_b", "labels"):
+        assert torch.equal(getattr(batch, name), getattr(bi, name)), name
+    assert batch.cross is not None and batch.cross.input_ids_b is None and batch.cross.cross is None
+    for name in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+        assert torch.equal(getattr(batch.cross, name), getattr(cross, name)), name
+    assert batch.cross.ids == batch.ids and batch.to("cpu").cross is not None
+    assert make_collate(tok, "sts", 8, "hybrid")(exs).cross.input_ids.shape[1] <= 16  # default: 2 x max_length
+    sym = make_collate(tok, "sts", 8, "hybrid", symmetric=True, cross_max_length=12)(exs)
+    assert sym.swapped.cross is not None  # symmetric evaluation swaps the cross-encoded pair as well
+    assert torch.equal(sym.swapped.cross.input_ids,
+                       make_collate(tok, "sts", 12, "cross")([replace(e, text_a=e.text_b, text_b=e.text_a)
+                                                              for e in exs]).input_ids)
+    with pytest.raises(ValueError, match="cross_max_length must be an integer >= 2, got 1"):
+        make_collate(tok, "sts", 8, "hybrid", cross_max_length=1)
+    with pytest.raises(ValueError, match="pair_encoding must be 'cross', 'bi' or 'hybrid', got 'both'"):
+        make_collate(tok, "sts", 8, "both")
+    assert make_collate(tok, "sst", 8, "hybrid")(read_task_file(FIXTURES / "ids-sst-tiny.csv", "sst").examples[:2]).cross is None

@@ -1,14 +1,12 @@
 """minbert.ema.ParameterEMA (weight averaging for evaluation, SMART's teacher) and the trainer's ``ema``."""
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from minbert import BertConfig, BertModel, default_checkpoint
 from minbert.ema import ParameterEMA
 from minbert.train import train
 from minbert.train_config import ConfigError, load_config
@@ -73,17 +71,6 @@ def test_low_precision_weights_are_averaged_in_float32():
     ema.update(net)
     # a 1e-3 step survives in float32 (bfloat16 storage would round most of it away)
     torch.testing.assert_close(ema.tensors()["1.weight"] - start, torch.full_like(start, 1e-3), rtol=0.02, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-bert-ema")
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=48, max_position_embeddings=128)).save_pretrained(folder)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(default_checkpoint() / name, folder / name)
-    return folder
 
 
 def _overrides(ckpt, out, *extra):

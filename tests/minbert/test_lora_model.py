@@ -7,7 +7,6 @@ test runs a tiny model through the Triton kernel (interpreted on CPU) against fl
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minbert import BertConfig, BertModel, default_checkpoint
+from minbert import BertConfig, BertModel
 from minbert.cli import main
 from minbert.lora import (
     LoRALinear, apply_lora, count_trainable, load_adapters, lora_config, lora_modules, lora_parameter_count,
@@ -100,19 +99,6 @@ def adapted(model):
         m = re.match(r"encoder\.layer\.(\d+)\.(.+)$", name)
         out.add((int(m.group(1)), m.group(2)))
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A randomly initialised 2-layer BERT with the real vocabulary and tokenizer (as in test_train.py)."""
-    folder = tmp_path_factory.mktemp("tiny-bert-lora")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=I, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(folder)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(default_checkpoint() / name, folder / name)
-    return folder
 
 
 # ---- a fresh adapter changes nothing; freezing; counts ---------------------------------------

@@ -2,7 +2,6 @@
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -463,16 +462,6 @@ def test_non_finite_perturbed_loss_skips_and_counts(tokenizer, monkeypatch):
     reg = SMART(task="sts", kind="regression", mu=0.0)
     _, terms = run(reg, model, batch)
     assert float(terms["smart"].detach()) == 0.0 and reg.skipped == 1
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-bert-smart")
-    torch.manual_seed(0)
-    BertModel(BertConfig(**TINY)).save_pretrained(folder)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(default_checkpoint() / name, folder / name)
-    return folder
 
 
 def _overrides(ckpt, out, *extra):

@@ -2,32 +2,18 @@
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from minbert import BertConfig, BertModel, default_checkpoint
+from minbert import BertModel
 from minbert.cli import main
 from minbert.train import TrainingError, load_model_dir, train
 from minbert.train_config import ConfigError, load_config
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "train"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A randomly initialised 2-layer BERT with the real vocabulary and tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=128)
-    BertModel(cfg).save_pretrained(folder)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(default_checkpoint() / name, folder / name)
-    return folder
 
 
 def _overrides(ckpt, out, *extra, tasks=None):
