@@ -575,21 +575,23 @@ class Collator:
         self.symmetric = bool(symmetric)
         if pair_encoding not in ("cross", "bi", "hybrid"):
             raise ValueError(f"make_collate: pair_encoding must be 'cross', 'bi' or 'hybrid', got {pair_encoding!r}")
+        if cross_max_length is None:
+            cross_max_length = 2 * max_length if isinstance(max_length, int) else max_length
         for name, value in (("max_length", max_length), ("cross_max_length", cross_max_length)):
-            if value is None and name == "cross_max_length":
-                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
                 raise ValueError(f"make_collate: {name} must be an integer >= 2, got {value!r}")
-        self.cross_max_length = cross_max_length if cross_max_length is not None else 2 * max_length
+        self.cross_max_length = cross_max_length
         if not callable(tokenizer):
             raise TypeError(f"make_collate: tokenizer must be callable, got {type(tokenizer).__name__}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pair_encoding = pair_encoding if self.spec.is_pair else "single"
 
-    def _encode(self, texts: List[str], pairs: Optional[List[str]] = None) -> Dict[str, torch.Tensor]:
-        enc = self.tokenizer(texts, pairs, max_length=self.max_length) if pairs is not None else \
-            self.tokenizer(texts, max_length=self.max_length)
+    def _encode(self, texts: List[str], pairs: Optional[List[str]] = None,
+                max_length: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        max_length = max_length or self.max_length
+        enc = self.tokenizer(texts, pairs, max_length=max_length) if pairs is not None else \
+            self.tokenizer(texts, max_length=max_length)
         for key in _ENCODING_KEYS:
             if key not in enc:
                 raise KeyError(f"collate ({self.spec.name}): the tokenizer output has no {key!r}")
@@ -610,16 +612,14 @@ class Collator:
             if spec.is_pair and ex.text_b is None:
                 raise ValueError(f"collate ({spec.name}): example {ex.id!r} has no second sentence")
         texts_a = [ex.text_a for ex in examples]
+        texts_b = [ex.text_b for ex in examples]
         kw = {}
         if self.pair_encoding == "cross":
-            enc = self._encode(texts_a, [ex.text_b for ex in examples])
+            enc = self._encode(texts_a, texts_b)
         else:
             enc = self._encode(texts_a)
             if self.pair_encoding in ("bi", "hybrid"):
-                enc_b = self._encode([ex.text_b for ex in examples])
-                kw = {f"{k}_b": v for k, v in enc_b.items()}
-            if self.pair_encoding == "hybrid":  # the same pairs as one sequence, for the cross member
-                kw["cross"] = Collator(self.tokenizer, spec, self.cross_max_length, "cross")(examples)
+                kw = {f"{k}_b": v for k, v in self._encode(texts_b).items()}
         n_labelled = sum(ex.label is not None for ex in examples)
         if n_labelled == 0:
             labels = None
@@ -630,10 +630,14 @@ class Collator:
             labels = torch.tensor([float(ex.label) for ex in examples], dtype=torch.float32)
         else:
             labels = torch.tensor([int(ex.label) for ex in examples], dtype=torch.long)
+        ids = [ex.id for ex in examples]
+        if self.pair_encoding == "hybrid":  # the same pairs as one sequence, for the cross member
+            kw["cross"] = Batch(task=spec.name, labels=labels, ids=ids,
+                                **self._encode(texts_a, texts_b, self.cross_max_length))
         swapped = None
         if self.symmetric:  # the same pairs in the other order, for symmetric evaluation
             swapped = self._plain([replace(ex, text_a=ex.text_b, text_b=ex.text_a) for ex in examples])
-        return Batch(task=spec.name, labels=labels, ids=[ex.id for ex in examples], swapped=swapped, **enc, **kw)
+        return Batch(task=spec.name, labels=labels, ids=ids, swapped=swapped, **enc, **kw)
 
     def _plain(self, examples: Sequence[Example]) -> Batch:
         plain = Collator(self.tokenizer, self.spec, self.max_length,

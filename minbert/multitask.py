@@ -48,6 +48,8 @@ class MultitaskModel(nn.Module):
                 except (TypeError, ValueError) as e:
                     raise ValueError(f"tasks.{t.name}.hybrid: {e}") from None
         self.heads = nn.ModuleDict(heads)
+        # pooling of each encoded sequence: a (and b) with the task's, a hybrid pair's cross sequence with its own
+        self.poolings = {t.name: (t.pooling, t.pooling, t.hybrid_options["pooling"]) for t in tasks}
         # When set to k, the next forward keeps the input of encoder layer k of each sentence in
         # ``self.captured`` (with its autograd graph): SMART at layer k perturbs it and re-runs only
         # the layers above k. None: nothing is kept.
@@ -98,15 +100,13 @@ class MultitaskModel(nn.Module):
                 module.set_task(task)
 
     def features(self, batch, inputs: Optional[List[torch.Tensor]] = None, start_layer: int = 0):
-        task = self.tasks[batch.task]
         self.set_task(batch.task)
         if inputs is None:
             inputs = self.embed(batch) if start_layer == 0 else self.hidden_at(batch, start_layer)
         feats = []
         capture = self.capture_layer
         self.captured = [] if capture is not None else None
-        poolings = [task.pooling, task.pooling, task.hybrid_options["pooling"]]  # a, b, cross (hybrid)
-        for inp, mask, pooling in zip(inputs, self.masks(batch), poolings):
+        for inp, mask, pooling in zip(inputs, self.masks(batch), self.poolings[batch.task]):
             if capture is not None and capture > start_layer:
                 out = self.bert(attention_mask=mask, encoder_input=inp, start_layer=start_layer, output_hidden_states=True)
                 self.captured.append(out.hidden_states[capture - start_layer])

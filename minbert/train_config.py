@@ -33,6 +33,7 @@ DEFAULT_FILES = {
 }
 DEFAULT_LOSS = {"sst": "cross_entropy", "cfimdb": "cross_entropy", "quora": "bce_with_logits", "sts": "mse"}
 FINETUNE_MODES = ("full-model", "last-linear-layer", "lora")
+POOLINGS = ("cls", "pooler", "mean")
 # The cross-encoder member of ``pair_encoding: hybrid``: its head, pooling and length, and the weight
 # of the bi-encoder member in the combined output (``w * bi + (1 - w) * cross``). max_length None: 2x
 # the task's max_length.
@@ -70,7 +71,7 @@ class TaskConfig:
             raise ConfigError(f"{prefix}.name: unknown task {self.name!r}; expected one of {sorted(TASK_KINDS)}")
         _positive_int(f"{prefix}.max_length", self.max_length)
         _positive_int(f"{prefix}.batch_size", self.batch_size)
-        _choice(f"{prefix}.pooling", self.pooling, ("cls", "pooler", "mean"))
+        _choice(f"{prefix}.pooling", self.pooling, POOLINGS)
         _choice(f"{prefix}.pair_encoding", self.pair_encoding, ("cross", "bi", "hybrid"))
         self._validate_hybrid(prefix)
         if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) or self.weight < 0:
@@ -98,7 +99,7 @@ class TaskConfig:
         if unknown:
             raise ConfigError(f"{prefix}.hybrid.{unknown[0]}: unknown key; valid keys: {sorted(HYBRID_DEFAULTS)}")
         h = self.hybrid_options
-        _choice(f"{prefix}.hybrid.pooling", h["pooling"], ("cls", "pooler", "mean"))
+        _choice(f"{prefix}.hybrid.pooling", h["pooling"], POOLINGS)
         _positive_int(f"{prefix}.hybrid.max_length", h["max_length"])
         if not isinstance(h["head"], str):
             raise ConfigError(f"{prefix}.hybrid.head must be a head name, got {h['head']!r}")
