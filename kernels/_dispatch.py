@@ -110,8 +110,17 @@ def check_tensor(
     if dtypes is not None and t.dtype not in dtypes:
         allowed = ", ".join(str(d) for d in dtypes)
         raise TypeError(f"{op}: argument '{name}' must have dtype in ({allowed}), got {t.dtype}")
-    if device is not None and t.device != torch.device(device):
+    if device is not None and t.device != canonical_device(device):
         raise ValueError(f"{op}: argument '{name}' is on {t.device} but must be on {device} like the other inputs")
+
+
+def canonical_device(device) -> torch.device:
+    """``device`` with its index filled in: "cuda" means the current CUDA device, so it compares
+    equal to the ``cuda:N`` that tensors report."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def check_same_dtype(op: str, **tensors: torch.Tensor) -> None:

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from typing import Optional, Sequence
 
 import torch
 
 from ._dispatch import (
+    canonical_device,
     check_nonnegative,
     check_same_device,
     check_same_dtype,
@@ -305,10 +307,18 @@ def _split_f64(x: float):
     parts = []
     rest = x
     for _ in range(3):
-        part = float(torch.tensor(rest, dtype=torch.float32))
+        part = _to_f32(rest)
         parts.append(part)
         rest = rest - part
     return tuple(parts)
+
+
+def _to_f32(x: float) -> float:
+    """x rounded to the nearest float32 (host side, no tensor: this runs on every kernel call)."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond float32's range: inf, as torch's cast gives
+        return math.copysign(math.inf, x)
 
 
 def _mask_u8(token_mask: Optional[torch.Tensor], n_tokens: int, device) -> torch.Tensor:
@@ -430,7 +440,7 @@ def _check_token_mask(op, token_mask, B, L, device):
     check_tensor(token_mask, "token_mask", op, shape=(B, L), dims="(B, L)")
     if token_mask.is_complex():
         raise TypeError(f"{op}: argument 'token_mask' must be bool, integer or float 0/1, got dtype {token_mask.dtype}")
-    if token_mask.device != device:
+    if token_mask.device != canonical_device(device):
         raise ValueError(
             f"{op}: argument 'token_mask' is on {token_mask.device} but the other inputs are on {device}; "
             "they must match"
@@ -922,7 +932,7 @@ def _check_noise_args(op, shape, sigma, seed, token_mask, distribution, device, 
         raise TypeError(f"{op}: argument 'dtype' must be a floating-point torch.dtype, got {dtype!r}")
     if device is None:
         device = token_mask.device if isinstance(token_mask, torch.Tensor) else torch.empty(0).device
-    device = torch.device(device)
+    device = canonical_device(device)
     _check_token_mask(op, token_mask, dims[0], dims[1], device)
     return dims, device
 

@@ -59,8 +59,19 @@ def _errors(got, ref):
     return diff.pow(2).mean().sqrt().item(), diff.abs().max().item()
 
 
+# cuBLAS on CUDA splits K for skinny float32 products, which cuts its rounding error 2-3x below any
+# single-pass float32 dot. Measured on an H100 (2026-11-25), RMS error vs float64 of y = x W^T:
+# (70 x 384) @ (384 x 1536): cuBLAS 1.65e-7, a plain Triton fp32 dot 3.53e-7 (2.14x), lora_linear with
+# B = 0 3.53e-7; (33 x 1536) @ (1536 x 384): 2.42e-7, 7.06e-7 (2.92x), 7.06e-7; at 4096 rows all
+# three equal. The fused kernel adds no error of its own, so against cuBLAS the float32 RMS factor is
+# 4 (the bf16/fp16 and CPU comparisons keep 2).
+def _rms_factor(got, dtype):
+    return 4.0 if got.device.type == "cuda" and dtype == torch.float32 else 2.0
+
+
 def _check(name, got, plain, oracle, dtype):
-    """Tolerance rule: kernel error <= 2 x plain torch's error (same dtype) vs the float64 oracle.
+    """Tolerance rule: kernel error <= 2 x plain torch's error (same dtype) vs the float64 oracle
+    (4 x for float32 on CUDA: see ``_rms_factor``).
 
     The error is the RMS over elements, plus a floor of half an ulp at the oracle's RMS magnitude
     (the rounding of the output itself, which no implementation avoids). The max error, which a
@@ -74,10 +85,11 @@ def _check(name, got, plain, oracle, dtype):
     rms_scale = oracle.pow(2).mean().sqrt().item() if oracle.numel() else 0.0
     max_scale = oracle.abs().max().item() if oracle.numel() else 0.0
     floor = 0.5 * eps * max(rms_scale, 1e-6)
-    assert err <= 2 * base + floor, f"{name}: kernel RMS error {err:.3e} > 2 x torch's {base:.3e} + {floor:.1e}"
+    k = _rms_factor(got, dtype)
+    assert err <= k * base + floor, f"{name}: kernel RMS error {err:.3e} > {k:g} x torch's {base:.3e} + {floor:.1e}"
     floor_max = eps * max(max_scale, 1e-6)
-    assert err_max <= 4 * base_max + floor_max, (
-        f"{name}: kernel max error {err_max:.3e} > 4 x torch's {base_max:.3e} + {floor_max:.1e}")
+    assert err_max <= 2 * k * base_max + floor_max, (
+        f"{name}: kernel max error {err_max:.3e} > {2 * k:g} x torch's {base_max:.3e} + {floor_max:.1e}")
 
 
 def _compare(t, ids, dtype=torch.float32):
@@ -294,7 +306,8 @@ def test_split_k_reduction_of_adapter_grads(triton_backend, device, monkeypatch,
     splits = []
     real = lora_mod._n_split
     monkeypatch.setattr(lora_mod, "_n_split", lambda *a: splits.append(real(*a)) or splits[-1])
-    t, ids = _inputs(300, 37, 100, 4, adapters=adapters, device=device)
+    rows = 300 if device.type == "cpu" else 700  # >= 3 row blocks per adapter at either block size
+    t, ids = _inputs(rows, 37, 100, 4, adapters=adapters, device=device)
     _compare(t, ids)
     assert len(splits) == 2 and min(splits) > 1
 
@@ -412,21 +425,21 @@ def _bad_cases():
 
 @pytest.mark.parametrize("fn", [lora_linear, lora_linear_reference], ids=["kernel", "reference"])
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
-def test_validation_errors(triton_backend, fn, case):
+def test_validation_errors(triton_backend, device, fn, case):
     _, adapters, change, error, match = case
-    kwargs = _good(adapters=adapters)
-    kwargs.update(change)
+    kwargs = _good(device, adapters=adapters)
+    kwargs.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
     with pytest.raises(error, match=match) as info:
         fn(**kwargs)
     assert "lora_linear" in str(info.value)
 
 
-def test_per_sequence_ids_need_3d_input(triton_backend):
-    kwargs = _good(adapters=3)
-    kwargs["x"] = torch.randn(2, 3, 8)  # 6 rows, 2 sequences
-    kwargs["adapter_ids"] = torch.tensor([0, 1])
+def test_per_sequence_ids_need_3d_input(triton_backend, device):
+    kwargs = _good(device, adapters=3)
+    kwargs["x"] = torch.randn(2, 3, 8, device=device)  # 6 rows, 2 sequences
+    kwargs["adapter_ids"] = torch.tensor([0, 1], device=device)
     assert lora_linear(**kwargs).shape == (2, 3, 5)
-    kwargs["x"] = torch.randn(6, 8)  # 2-D: only per-row ids
+    kwargs["x"] = torch.randn(6, 8, device=device)  # 2-D: only per-row ids
     with pytest.raises(ValueError, match=r"\(N,\) = \(6,\)"):
         lora_linear(**kwargs)
 

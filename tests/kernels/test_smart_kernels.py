@@ -5,6 +5,7 @@ kernel forgets to write fails the comparison. Tolerance rule: the kernel's max e
 float64 reference must be <= 2x plain torch's (the reference run in the kernel's precision) plus
 a tiny floor relative to the magnitude. On CPU the kernels run in Triton's interpreter.
 """
+import functools
 import importlib
 import math
 import os
@@ -18,15 +19,45 @@ import torch
 from minbert.kernels import _dispatch
 from minbert.kernels.smart import (
     binary_to_two_class_logits,
-    smart_noise,
     smart_noise_reference,
-    smart_perturb_step,
     smart_perturb_step_reference,
-    symmetric_kl,
     symmetric_kl_reference,
 )
 
 smart_mod = importlib.import_module("minbert.kernels.smart")
+
+
+def _via_cuda(fn):
+    """On a CUDA machine the tests' CPU inputs run through the compiled kernels on the GPU.
+
+    CPU tensors go to the GPU (autograd follows the copies back to the CPU leaves), the result
+    comes back to the device the inputs were on, and the references stay on the CPU. ``smart_noise``
+    without a device argument (or with the CPU) draws on the GPU. Elsewhere ``fn`` is returned
+    as is: the kernels then run in Triton's interpreter on the CPU tensors themselves.
+    """
+    if not torch.cuda.is_available():
+        return fn
+
+    def to_gpu(x):
+        return x.to("cuda") if isinstance(x, torch.Tensor) and x.device.type == "cpu" else x
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        origin = next((x.device for x in list(args) + list(kwargs.values()) if isinstance(x, torch.Tensor)), None)
+        if "device" in kwargs or fn.__name__ == "smart_noise":
+            origin = torch.device(kwargs.get("device") or "cpu")
+            if origin.type == "cpu":
+                kwargs["device"] = "cuda"
+        out = fn(*map(to_gpu, args), **{k: to_gpu(v) for k, v in kwargs.items()})
+        return out.to(origin) if origin is not None else out
+
+    return run
+
+
+# the Triton entry points under test (validation-error tests below call the originals)
+smart_perturb_step = _via_cuda(smart_mod.smart_perturb_step)
+symmetric_kl = _via_cuda(smart_mod.symmetric_kl)
+smart_noise = _via_cuda(smart_mod.smart_noise)
 
 FLOOR = 1e-6  # relative to the reference's magnitude (float32/16 comparisons)
 FLOOR64 = 1e-12  # float64 kernel vs float64 reference
@@ -303,7 +334,7 @@ def test_symmetric_kl_chunked_columns(triton_backend, C, block_c):
     p, q = _kl_inputs((4, C), torch.float64, gen)
     p.requires_grad_(True)
     q.requires_grad_(True)
-    rows = smart_mod._SymmetricKLFunction.apply(p, q, block_c)
+    rows = _via_cuda(smart_mod._SymmetricKLFunction.apply)(p, q, block_c)
     w = torch.rand(4, generator=gen, dtype=torch.float64)
     dp, dq = torch.autograd.grad((rows * w).sum(), (p, q))
     ref = symmetric_kl_reference(p, q, "none")
@@ -560,10 +591,10 @@ def test_dispatch_reference_backend_never_launches_kernels(reference_backend, mo
     monkeypatch.setattr(smart_mod, "_noise_kernel", None)
     gen = _gen(53)
     d, g = _perturb_inputs(2, 3, 8, torch.float64, gen)
-    assert torch.equal(smart_perturb_step(d, g, 0.1, 0.2), smart_perturb_step_reference(d, g, 0.1, 0.2))
+    assert torch.equal(smart_mod.smart_perturb_step(d, g, 0.1, 0.2), smart_perturb_step_reference(d, g, 0.1, 0.2))
     p, q = _kl_inputs((4, 3), torch.float64, gen)
-    assert torch.equal(symmetric_kl(p, q), symmetric_kl_reference(p, q))
-    noise = smart_noise((2, 3, 8), 1.0, 5, distribution="uniform")
+    assert torch.equal(smart_mod.symmetric_kl(p, q), symmetric_kl_reference(p, q))
+    noise = smart_mod.smart_noise((2, 3, 8), 1.0, 5, distribution="uniform")
     assert torch.equal(noise, smart_noise_reference((2, 3, 8), 1.0, 5, distribution="uniform"))
 
 
@@ -625,7 +656,7 @@ PERTURB_ERRORS = [
 
 
 @pytest.mark.parametrize("case", range(len(PERTURB_ERRORS)))
-@pytest.mark.parametrize("fn", [smart_perturb_step, smart_perturb_step_reference])
+@pytest.mark.parametrize("fn", [smart_mod.smart_perturb_step, smart_perturb_step_reference])
 def test_perturb_validation_errors(any_backend, fn, case):
     make, exc, pattern = PERTURB_ERRORS[case]
     args, kwargs = make()
@@ -645,7 +676,7 @@ KL_ERRORS = [
 
 
 @pytest.mark.parametrize("case", range(len(KL_ERRORS)))
-@pytest.mark.parametrize("fn", [symmetric_kl, symmetric_kl_reference])
+@pytest.mark.parametrize("fn", [smart_mod.symmetric_kl, symmetric_kl_reference])
 def test_symmetric_kl_validation_errors(any_backend, fn, case):
     make, exc, pattern = KL_ERRORS[case]
     args, kwargs = make()
@@ -671,7 +702,7 @@ NOISE_ERRORS = [
 
 
 @pytest.mark.parametrize("case", range(len(NOISE_ERRORS)))
-@pytest.mark.parametrize("fn", [smart_noise, smart_noise_reference])
+@pytest.mark.parametrize("fn", [smart_mod.smart_noise, smart_noise_reference])
 def test_noise_validation_errors(any_backend, fn, case):
     args, kwargs, exc, pattern = NOISE_ERRORS[case]
     with pytest.raises(exc, match=fn.__name__ + ".*" + pattern):
