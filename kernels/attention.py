@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
 from typing import Optional, Sequence, Tuple
 
 import torch

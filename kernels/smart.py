@@ -27,7 +27,6 @@ therefore passed as three float32 parts whose float64 sum is exactly the Python 
 from __future__ import annotations
 
 import math
-import os
 import struct
 from typing import Optional, Sequence
 

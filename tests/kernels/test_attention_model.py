@@ -1,5 +1,4 @@
 """minbert with attn_implementation="triton" (the fused kernel, interpreted on CPU)."""
-import pytest
 import torch
 
 from minbert import BertConfig, BertModel, Tokenizer, default_checkpoint
