@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the kernel tests compiled for the GPU (no interpreter), then every
-# kernel benchmark and the SMART training-step benchmark; logs, JSON and a markdown table land in
+# One command for a GPU machine: the kernel tests compiled for the GPU (no interpreter), every kernel
+# benchmark and the SMART training-step benchmark (host wall clock), then each kernel's device time
+# with the block-size sweeps (benchmarks/gpu_profile.py); logs, JSON and a markdown table land in
 # benchmarks/results/gpu-<date>-<device>/.
 #   bash benchmarks/gpu.sh                 (from the repository root, with the project installed)
 #   STAGES="attention lora" bash benchmarks/gpu.sh     (a subset; "tests" is a stage too)
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 unset MINBERT_KERNEL_BACKEND
 PY=${PY:-python}
-STAGES=${STAGES:-"tests attention lora smart_kernels smart"}
+STAGES=${STAGES:-"tests attention lora smart_kernels smart profile"}
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-300}
 day=$(date +%F)
 device=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
@@ -38,14 +39,21 @@ for stage in $STAGES; do
         2>&1 | tee "$out/tests.txt" || status=1
     continue
   fi
+  if [ "$stage" = profile ]; then
+    echo "== device time per kernel call (torch.profiler), with block-size sweeps"
+    timeout "$STAGE_TIMEOUT" $PY benchmarks/gpu_profile.py --sweep --out "$out/profile.json" \
+        2>&1 | tee "$out/profile.txt" || status=1
+    continue
+  fi
   [ -f "benchmarks/test_$stage.py" ] || { echo "no benchmarks/test_$stage.py"; status=1; continue; }
   echo "== benchmark $stage"
   timeout "$STAGE_TIMEOUT" $PY -m pytest -q "benchmarks/test_$stage.py" --benchmark-only -s -p no:cacheprovider \
       --benchmark-json="$out/$stage.json" 2>&1 | tee "$out/$stage.txt" || status=1
 done
 
-if ls "$out"/*.json >/dev/null 2>&1; then
-  $PY benchmarks/to_markdown.py "$out"/*.json --title "GPU benchmarks, $day, $device" > "$out/RESULTS.md"
+bench_json=$(ls "$out"/*.json 2>/dev/null | grep -v '/profile')  # pytest-benchmark files only
+if [ -n "$bench_json" ]; then
+  $PY benchmarks/to_markdown.py $bench_json --title "GPU benchmarks, $day, $device" > "$out/RESULTS.md"
   echo "== wrote $out/RESULTS.md"
 fi
 exit $status
