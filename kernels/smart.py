@@ -433,13 +433,14 @@ def _check_perturb_args(op, delta, grad, step_size, epsilon, norm, rule, token_m
     _check_choice(op, "norm_level", norm_level, NORM_LEVELS)
 
 
-def _check_token_mask(op, token_mask, B, L, device):
+def _check_token_mask(op, token_mask, B, L, device: torch.device):
+    """``device``: the other inputs' device, with its index (a tensor's ``.device``, or ``canonical_device``)."""
     if token_mask is None:
         return
     check_tensor(token_mask, "token_mask", op, shape=(B, L), dims="(B, L)")
     if token_mask.is_complex():
         raise TypeError(f"{op}: argument 'token_mask' must be bool, integer or float 0/1, got dtype {token_mask.dtype}")
-    if token_mask.device != canonical_device(device):
+    if token_mask.device != device:
         raise ValueError(
             f"{op}: argument 'token_mask' is on {token_mask.device} but the other inputs are on {device}; "
             "they must match"
