@@ -34,7 +34,7 @@ def sst_train_accuracy(run_dir: Path, cfg, limit: int = 2000) -> float:
     td = data_lib.read_task_file(task.files(cfg.data.dir)["train"], "sst", bad_rows=cfg.data.bad_rows)
     examples = td.examples[:limit]
     loader = data_lib.TaskLoader(examples, 64, data_lib.make_collate(tok, "sst", task.max_length), shuffle=False)
-    out = predict(model, loader, "cpu")
+    out = predict(model, loader, "cpu", mcfg.autocast)
     return accuracy(out["preds"], out["labels"])
 
 

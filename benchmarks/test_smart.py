@@ -31,6 +31,7 @@ synchronize, ratios use wall time, and the SMART kernels take their Triton path.
 import os
 import statistics
 import time
+import warnings
 
 import pytest
 import torch
@@ -40,6 +41,7 @@ from minbert import BertModel
 from minbert.data import Batch
 from minbert.multitask import MultitaskModel
 from minbert.smart import SMART
+from minbert.train import autocast_context
 from minbert.train_config import TaskConfig
 
 BATCH, LENGTH = 32, 48
@@ -75,8 +77,9 @@ def _batch(vocab: int, device) -> Batch:
                  labels=labels).to(device)
 
 
-def _trainer_step(provider, device):
-    """A model, its optimizer and a closure running one full training step for ``provider``."""
+def _trainer_step(provider, device, autocast=None):
+    """A model, its optimizer and a closure running one full training step for ``provider``
+    (forward and losses under ``autocast_context(autocast)``, as the trainer runs them)."""
     torch.manual_seed(0)
     bert = BertModel.from_pretrained()
     model = MultitaskModel(bert, [TaskConfig(name="sst", pooling="mean")]).to(device).train()
@@ -86,13 +89,14 @@ def _trainer_step(provider, device):
     regs = [] if options is None else [SMART(task="sst", kind="classification", **options)]
 
     def step():
-        for reg in regs:
-            reg.before_forward(model, batch)
-        output = model(batch)
-        loss = F.cross_entropy(output, batch.labels)
-        for reg in regs:
-            for term in reg(model, batch, output).values():
-                loss = loss + term
+        with autocast_context(autocast, device):
+            for reg in regs:
+                reg.before_forward(model, batch)
+            output = model(batch)
+            loss = F.cross_entropy(output, batch.labels)
+            for reg in regs:
+                for term in reg(model, batch, output).values():
+                    loss = loss + term
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -156,3 +160,33 @@ def test_smart_training_step(benchmark, device, threads, provider):
         target_ratio=TARGETS.get(provider), smart_skipped=sum(reg.skipped for reg in regs))
     assert all(reg.skipped == 0 for reg in regs)
     print("\n" + _table())
+
+
+_AUTOCAST = {}  # provider -> summary of the bf16/fp32 comparison
+
+
+@pytest.mark.parametrize("provider", ["plain", "smart+mbpp"])
+def test_autocast_training_step(benchmark, device, provider):
+    """``autocast: bf16`` against fp32: the same step (model, batch, provider), paired rounds.
+
+    Runs with the trainer's threads (all cores: what a training run gets). On a CPU with AMX or
+    AVX512-BF16 oneDNN runs the bf16 matmuls; elsewhere bf16 may be slower than fp32. The ratio is
+    fp32 time / bf16 time (> 1: bf16 is faster), the median of per-round wall-time ratios."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    step, _ = _trainer_step(provider, device, autocast="bf16")
+    rounds, fp32_rounds = [], []
+    setup = _timed(_trainer_step(provider, device)[0], fp32_rounds)
+    benchmark.group = f"autocast bf16 vs fp32, training step B={BATCH} L={LENGTH} ({device.type}, " \
+                      f"{torch.get_num_threads()} threads)"
+    with warnings.catch_warnings():  # SMART's "δ below bf16 resolution" warning: known, see minbert/smart.py
+        warnings.simplefilter("ignore")
+        benchmark.pedantic(_timed(step, rounds), setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    rounds, fp32_rounds = rounds[-ROUNDS:], fp32_rounds[-ROUNDS:]
+    speedup = statistics.median(f[0] / r[0] for r, f in zip(rounds, fp32_rounds))
+    _AUTOCAST[provider] = dict(fp32=statistics.median(f[0] for f in fp32_rounds),
+                               bf16=statistics.median(r[0] for r in rounds), speedup=speedup)
+    benchmark.extra_info.update(provider=provider, device=str(device), threads=torch.get_num_threads(),
+                                fp32_over_bf16=speedup, rounds_wall_cpu_s=rounds, fp32_rounds_wall_cpu_s=fp32_rounds)
+    print("\n" + "\n".join([f"{'provider':<12} {'fp32 med s':>10} {'bf16 med s':>10} {'fp32/bf16':>9}"] + [
+        f"{k:<12} {v['fp32']:10.3f} {v['bf16']:10.3f} {v['speedup']:9.2f}" for k, v in _AUTOCAST.items()]))

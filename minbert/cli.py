@@ -55,7 +55,7 @@ def _evaluate(args) -> int:
         if datasets[task.name]["dev"] is not None:
             loaders[task.name] = data_lib.TaskLoader(datasets[task.name]["dev"], 64,
                                                      task.collate(tokenizer, evaluation=True), shuffle=False)
-    metrics, _ = evaluate(model, loaders, args.device)
+    metrics, _ = evaluate(model, loaders, args.device, cfg.autocast)
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -733,8 +733,8 @@ class HybridHead(Head):
         if not isinstance(features, HybridFeatures):
             raise TypeError(f"head 'hybrid' needs HybridFeatures (pair_encoding='hybrid'), got {type(features).__name__}")
         self._check_size(features)
-        out_bi = self.bi(features.pair)  # (B,) or (B, C)
-        out_cross = self.cross(features.cross)  # same shape
+        out_bi = self.bi(features.pair).float()  # (B,) or (B, C); fp32 under autocast, as the model's output
+        out_cross = self.cross(features.cross).float()  # same shape
         output = self.weight * out_bi + (1.0 - self.weight) * out_cross
         self._members = (output, out_bi, out_cross)
         return output

@@ -122,8 +122,9 @@ class MultitaskModel(nn.Module):
         return pair if len(feats) == 2 else HybridFeatures(pair=pair, cross=feats[2])
 
     def forward(self, batch, inputs: Optional[List[torch.Tensor]] = None, start_layer: int = 0) -> torch.Tensor:
-        """The task output for ``batch.task``: logits (B, C), a logit (B,) or a score (B,)."""
-        return self.heads[batch.task](self.features(batch, inputs, start_layer))
+        """The task output for ``batch.task``: logits (B, C), a logit (B,) or a score (B,), in fp32
+        (under ``torch.autocast`` the heads' matmuls run in bf16; losses and metrics want fp32)."""
+        return self.heads[batch.task](self.features(batch, inputs, start_layer)).float()
 
     def task_loss(self, task: str, loss_fn):
         """The loss ``loss(output, labels)`` that trains task ``task``'s head (a hybrid head averages its members')."""

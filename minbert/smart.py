@@ -129,6 +129,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import zlib
 from typing import Any, Dict, List, Optional
 
@@ -308,6 +309,7 @@ class SMART(Regularizer):
         self.momentum_teacher: Optional[MomentumTeacher] = MomentumTeacher(self.beta, where) if self.mu > 0 else None
         self.owns_teacher = True  # False once bind() hands this task another task's teacher
         self._pending: Optional[Dict[str, Any]] = None
+        self._precision_warned = False
 
     # --- hooks around the trainer's clean forward ------------------------------------------------
     def before_forward(self, model, batch) -> None:
@@ -321,11 +323,12 @@ class SMART(Regularizer):
             raise ConfigError(f"{self.where}: option 'layer' must be in [0, {num_layers - 1}] for this "
                               f"{num_layers}-layer encoder, got {self.layer}")
         device = batch.input_ids.device
+        self._check_precision(device)
         pending: Dict[str, Any] = {"device": device, "captured": None, "tap": None}
         if self.dropout == "shared":
             pending["rng_start"] = _get_rng(device)
             if self.lambda_s > 0:
-                sentences = 2 if batch.input_ids_b is not None else 1
+                sentences = len(model.masks(batch))  # 1, 2 (bi-encoded pair) or 3 (hybrid)
                 pending["tap"] = _RngTap(model.bert.encoder.layer[self.layer], device, sentences)
         if self.lambda_s > 0:
             model.capture_layer = self.layer
@@ -341,6 +344,31 @@ class SMART(Regularizer):
 
             pending["post"] = model.register_forward_hook(after_clean_forward)
         self._pending = pending
+
+    def perturbation_scale(self) -> float:
+        """The largest |δ| entry the perturbed pass sees (ε for ``projection``, 1 for ``mtdnn``, σ-ish for R3F)."""
+        if self.noise == "r3f" or self.steps == 0:
+            return self.sigma
+        return self.epsilon if self.rule == "projection" else 1.0
+
+    def _check_precision(self, device: torch.device) -> None:
+        """Warn once when autocast runs the perturbed layer in a precision that cannot represent δ.
+
+        bf16 keeps 8 significant bits: x + δ rounds back to x for |δ| below ~2⁻⁸·|x|, and the encoder
+        inputs are O(1) (LayerNorm outputs). The default ε = 1e-5 is then lost in the first matmul, and
+        R_s measures only what else differs between the passes (dropout with ``dropout="eval"``). With
+        ``rule="mtdnn"`` (|δ| ≈ 1) the perturbation survives."""
+        if self._precision_warned or self.lambda_s == 0 or not torch.is_autocast_enabled(device.type):
+            return
+        dtype = torch.get_autocast_dtype(device.type)
+        resolution = torch.finfo(dtype).eps / 2  # relative rounding step: bf16 2^-8, fp16 2^-11
+        if self.perturbation_scale() < resolution:
+            warnings.warn(f"{self.where}: the perturbation (|δ| ≤ {self.perturbation_scale():g}) is below {dtype}'s "
+                          f"resolution ({resolution:g} of |x|) under autocast, so x + δ rounds to x in the perturbed "
+                          f"pass; R_s then measures only the other differences between the passes (dropout). Use "
+                          f"autocast: null for the paper's SMART, or rule: mtdnn for a perturbation that survives",
+                          stacklevel=2)
+        self._precision_warned = True
 
     def _clear(self, model) -> None:
         pending, self._pending = self._pending, None

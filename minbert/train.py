@@ -154,17 +154,40 @@ def load_model_dir(directory, device="cpu", attn_implementation: Optional[str] =
 
 # --- evaluation -------------------------------------------------------------------------------
 
+def autocast_context(mode: Optional[str], device) -> contextlib.AbstractContextManager:
+    """The mixed-precision context of ``cfg.autocast`` on ``device``: ``torch.autocast`` in bfloat16
+    for ``"bf16"``, a null context for ``None`` (fp32).
+
+    Under autocast the matmuls (linear, attention) run in bf16 -- on a CPU with AMX or AVX512-BF16
+    through oneDNN, on a GPU through its tensor cores -- while the weights, their gradients and the
+    optimizer state stay fp32 and the task outputs come back in fp32 (:meth:`MultitaskModel.forward`),
+    so losses, metrics and SMART's divergences are computed in fp32.
+    """
+    if mode is None:
+        return contextlib.nullcontext()
+    if mode != "bf16":
+        raise ConfigError(f"autocast: {mode!r} is not valid; expected one of [None, 'bf16']")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"autocast: 'bf16' needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} "
+                          f"has none (use autocast: null)")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 @torch.no_grad()
-def predict(model: MultitaskModel, loader, device) -> Dict[str, list]:
-    """Run the model over a loader: ids, predictions, labels (None for unlabelled files)."""
+def predict(model: MultitaskModel, loader, device, autocast: Optional[str] = None) -> Dict[str, list]:
+    """Run the model over a loader: ids, predictions, labels (None for unlabelled files).
+
+    ``autocast`` is the run's ``cfg.autocast`` (the precision the model was trained and selected in)."""
     was_training = model.training
     model.eval()
     ids, preds, labels = [], [], []
     for batch in loader:
         batch = batch.to(device)
-        out = model(batch)
-        if batch.swapped is not None:  # symmetric evaluation: the mean output of both orders
-            out = 0.5 * (out + model(batch.swapped))
+        with autocast_context(autocast, device):
+            out = model(batch)
+            if batch.swapped is not None:  # symmetric evaluation: the mean output of both orders
+                out = 0.5 * (out + model(batch.swapped))
         preds.extend(predict_from_output(batch.task, out).cpu().tolist())
         ids.extend(batch.ids)
         if batch.labels is not None:
@@ -187,10 +210,11 @@ def summarize(scores: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return flat
 
 
-def evaluate(model: MultitaskModel, loaders: Dict, device) -> (Dict[str, float], Dict[str, dict]):
+def evaluate(model: MultitaskModel, loaders: Dict, device, autocast: Optional[str] = None
+             ) -> (Dict[str, float], Dict[str, dict]):
     scores, outputs = {}, {}
     for task, loader in loaders.items():
-        result = predict(model, loader, device)
+        result = predict(model, loader, device, autocast)
         outputs[task] = result
         if result["labels"] is not None:
             scores[task] = task_metric(task, result["preds"], result["labels"])
@@ -240,6 +264,7 @@ def train(
     is_main = rank == 0
     log = log or (lambda msg: print(msg, flush=True) if is_main else None)
     device = torch.device(cfg.device)
+    autocast_context(cfg.autocast, device)  # refuses bf16 on a GPU without it before anything is loaded
     seed_everything(cfg.seed)
     run_dir = Path(cfg.output_dir)
     if is_main:
@@ -361,7 +386,7 @@ def train(
 
     def evaluate_and_keep_best(step):
         nonlocal best
-        metrics, outputs = evaluate(model, dev_loaders, device)
+        metrics, outputs = evaluate(model, dev_loaders, device, cfg.autocast)
         epoch = step / steps_per_epoch
         if is_main:
             for t in dev_loaders:
@@ -413,14 +438,15 @@ def train(
                 losses, terms_log = {}, {}
                 for batch in batches:
                     t = batch.task
-                    for reg in regularizers[t]:
-                        reg.before_forward(model, batch)
-                    output = model(batch)
-                    loss = loss_fns[t](output, batch.labels)
-                    for reg in regularizers[t]:
-                        for name, term in reg(model, batch, output).items():
-                            loss = loss + term
-                            terms_log[f"{t}/{name}"] = float(term.detach())
+                    with autocast_context(cfg.autocast, device):  # forward and losses; backward outside
+                        for reg in regularizers[t]:
+                            reg.before_forward(model, batch)
+                        output = model(batch)  # fp32 whatever the autocast (MultitaskModel.forward)
+                        loss = loss_fns[t](output, batch.labels)
+                        for reg in regularizers[t]:
+                            for name, term in reg(model, batch, output).items():
+                                loss = loss + term
+                                terms_log[f"{t}/{name}"] = float(term.detach())
                     losses[t] = loss / cfg.optim.grad_accum
                     if update == 0:
                         window["examples"] += batch.size
@@ -537,7 +563,8 @@ def finish_run(run_dir: Path, model, cfg, tokenizer, datasets, device, log) -> N
         best_model, _, _ = load_model_dir(best_dir, device=device, attn_implementation=cfg.attn_implementation)
         task = cfg.task("sst")
         collate = data_lib.make_collate(tokenizer, "sst", task.max_length)
-        result = predict(best_model, data_lib.TaskLoader(datasets["sst"]["dev"], 64, collate, shuffle=False), device)
+        result = predict(best_model, data_lib.TaskLoader(datasets["sst"]["dev"], 64, collate, shuffle=False), device,
+                         cfg.autocast)
         cm = confusion_matrix(result["preds"], result["labels"], 5)
         plot_confusion(cm, ["0", "1", "2", "3", "4"], run_dir / "sst_confusion.png")
 
@@ -551,7 +578,7 @@ def write_all_predictions(model, cfg, tokenizer, datasets, out_dir: Path, device
             td = datasets[task.name].get(split)
             if td is None:
                 continue
-            result = predict(model, data_lib.TaskLoader(td, 64, collate, shuffle=False), device)
+            result = predict(model, data_lib.TaskLoader(td, 64, collate, shuffle=False), device, cfg.autocast)
             path = out_dir / f"{task.name}-{split}-output.csv"
             write_predictions(path, task.name, result["ids"], result["preds"])
             written[f"{task.name}-{split}"] = path

@@ -215,6 +215,9 @@ class WeightingConfig:
     options: Dict[str, Any] = field(default_factory=dict)
 
 
+AUTOCAST_MODES = (None, "bf16")  # fp16 would need a loss scaler; DeepSpeed's engine has its own fp16
+
+
 @dataclass
 class TrainConfig:
     model: Optional[str] = None  # checkpoint folder or hub name; None = embedded default
@@ -240,6 +243,9 @@ class TrainConfig:
     save_every: Optional[int] = None  # steps between resumable checkpoints; None = once per epoch
     predict: bool = True  # write dev/test prediction files for the best model at the end
     ema: Optional[float] = None  # β of a moving average of the weights used for evaluation (e.g. 0.999)
+    # mixed precision: null = fp32; "bf16" = torch.autocast(bfloat16) around every forward and loss
+    # (fp32 master weights and optimizer state; task outputs and losses in fp32). See minbert.train.autocast_context.
+    autocast: Optional[str] = None
 
     def validate(self) -> "TrainConfig":
         if self.ema is not None and (isinstance(self.ema, bool) or not isinstance(self.ema, (int, float))
@@ -247,6 +253,7 @@ class TrainConfig:
             raise ConfigError(f"ema must be a number in (0, 1) (the moving average's β, e.g. 0.999) or null, "
                               f"got {self.ema!r}")
         _choice("attn_implementation", self.attn_implementation, ("torch", "math", "triton"))
+        _choice("autocast", self.autocast, AUTOCAST_MODES)
         _choice("finetune", self.finetune, FINETUNE_MODES)
         if self.lora:
             import inspect
