@@ -61,7 +61,6 @@ dtypes run the torch reference). For float32, ``tl.dot`` uses TF32 exactly when 
 """
 import functools
 import math
-import os
 import weakref
 from typing import Optional, Tuple
 
