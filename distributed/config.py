@@ -198,6 +198,11 @@ def resolve_ds_config(ds: Dict[str, Any], cfg, world_size: int, cuda: Optional[b
     elif "fp16" in ds:
         ds["fp16"]["enabled"] = False
 
+    if fp16 and getattr(cfg, "autocast", None):
+        raise DeepSpeedConfigError(
+            f"autocast: {cfg.autocast!r} with fp16.enabled: the engine would hold fp16 weights while autocast "
+            f"runs the forward in {cfg.autocast}; pick one precision (--precision bf16, or --set autocast=null)")
+
     left = list(_find_auto(ds))
     if left:
         raise DeepSpeedConfigError(f"\"auto\" is not understood for {left[0]}; write a value")

@@ -114,6 +114,33 @@ def check_tensor(
         raise ValueError(f"{op}: argument '{name}' is on {t.device} but must be on {device} like the other inputs")
 
 
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` casts matmul inputs to on ``device_type`` ("cpu", "cuda"), or None
+    when autocast is off there."""
+    try:  # torch >= 2.4
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch 2.3
+        if device_type == "cpu":
+            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        else:
+            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+    return dtype if enabled else None
+
+
+def autocast_inputs(device_type: str, *tensors: Optional[torch.Tensor]):
+    """``tensors`` cast as autocast casts a matmul's inputs (float16/32 and bfloat16 to the autocast
+    dtype; float64, integer tensors and None untouched), or unchanged when autocast is off.
+
+    For ops whose ``autograd.Function`` autocast cannot see (a Triton kernel): call with the cast
+    tensors under ``torch.autocast(device_type, enabled=False)``. The casts are differentiable, so
+    fp32 parameters get fp32 gradients, as with ``F.linear`` under autocast."""
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+                 for t in tensors)
+
+
 def canonical_device(device) -> torch.device:
     """``device`` with its index filled in: "cuda" means the current CUDA device, so it compares
     equal to the ``cuda:N`` that tensors report."""

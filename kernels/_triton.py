@@ -1,4 +1,5 @@
-"""What every kernel file shares: Triton itself (or a stand-in when it is missing) and output poisoning.
+"""What every kernel file shares: Triton itself (or a stand-in when it is missing), output poisoning,
+and the bf16 helpers for Triton's CPU interpreter.
 
 ``from ._triton import triton, tl`` works without Triton installed: ``@triton.jit`` then leaves the
 function as it is and the kernels are never launched (dispatch runs the torch references).
@@ -39,3 +40,50 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     if poison_enabled():
         return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Triton's CPU interpreter mishandles bfloat16: ``tl.dot`` on bf16 operands returns garbage and
+# fp32 -> bf16 casts truncate instead of rounding to nearest even. Kernels take an ``INTERP_BF16``
+# constexpr (``interp_bf16(x)``: set only for bf16 under the interpreter) and route their dots and
+# casts through the helpers below, which then compute what the GPU computes. When compiling,
+# INTERP_BF16 is False and each helper is exactly ``tl.dot`` / ``.to``.
+
+
+def interp_bf16(x: torch.Tensor) -> bool:
+    """bfloat16 under Triton's interpreter; never set when compiling."""
+    from ._dispatch import interpreter_on
+
+    return x.dtype == torch.bfloat16 and interpreter_on()
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """a @ b in fp32. Under INTERP_BF16 the bf16 operands are multiplied in fp32 (bf16 products
+    are exact in fp32, so only the summation order differs from the GPU's)."""
+    if INTERP_BF16:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """acc + a @ b, fp32 accumulation (see :func:`dot`)."""
+    if INTERP_BF16:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def cast(v, DTYPE: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """v.to(DTYPE); under INTERP_BF16 with round-to-nearest-even done on the fp32 bits."""
+    if INTERP_BF16 and DTYPE == tl.bfloat16:
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        out = bits.to(tl.float32, bitcast=True).to(DTYPE)
+    else:
+        out = v.to(DTYPE)
+    return out

@@ -55,6 +55,7 @@ from ._dispatch import (
 )
 
 from ._triton import POISON_ENV, new_output as _new_output, tl, triton  # noqa: F401
+from ._triton import cast, dot, interp_bf16  # bf16 under the interpreter
 
 OP = "attention"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -77,7 +78,7 @@ def _attn_fwd_kernel(
     H, L, qk_scale, p_drop, inv_keep, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     """One program = one (batch, head, query block); loops over the live key blocks."""
     pid_m = tl.program_id(0)
@@ -123,7 +124,7 @@ def _attn_fwd_kernel(
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                     mask=key_ok[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = dot(q, tl.trans(k), DOT_PRECISION, INTERP_BF16) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(key_ok[None, :], s, float("-inf"))
         # a live block has a real key, so m_new is finite and no inf - inf arises
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -133,7 +134,7 @@ def _attn_fwd_kernel(
         if HAS_DROPOUT:
             keep = tl.rand(seed, row_base[:, None] + offs_n[None, :]) >= p_drop
             p = tl.where(keep, p, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + dot(cast(p, v.dtype, INTERP_BF16), v, DOT_PRECISION, INTERP_BF16)
         m_i = m_new
 
     has_key = l_i > 0.0
@@ -144,7 +145,7 @@ def _attn_fwd_kernel(
     lse = tl.where(has_key, m_i + tl.log2(l_safe), float("inf"))  # +inf -> P == 0 in backward
     o_base = O_ptr + b * stride_ob + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
-             o.to(O_ptr.dtype.element_ty), mask=row_ok[:, None])
+             cast(o, O_ptr.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None])
     tl.store(LSE_ptr + pid_bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
 
 
@@ -184,7 +185,7 @@ def _attn_bwd_dkdv_kernel(
     H, L, sm_scale, qk_scale, p_drop, inv_keep, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     """One program = one (batch, head, key block): dK, dV, looping over all query blocks.
 
@@ -226,10 +227,10 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(LSE_ptr + stat_base + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta_ptr + stat_base + offs_m, mask=row_ok, other=0.0)
 
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = dot(k, tl.trans(q), DOT_PRECISION, INTERP_BF16) * qk_scale  # (BLOCK_N, BLOCK_M)
         s_t = tl.where(key_ok[:, None], s_t, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])  # P^T, undropped
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T
+        dp_t = dot(v, tl.trans(do), DOT_PRECISION, INTERP_BF16)  # (dO V^T)^T
         if HAS_DROPOUT:
             if OFFSET_64:
                 counter = (pid_bh.to(tl.int64) * L + offs_m[None, :]) * L + offs_n[:, None]
@@ -240,17 +241,17 @@ def _attn_bwd_dkdv_kernel(
             dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
         else:
             pd_t = p_t
-        dv += tl.dot(pd_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dv += dot(cast(pd_t, do.dtype, INTERP_BF16), do, DOT_PRECISION, INTERP_BF16)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk += dot(cast(ds_t, q.dtype, INTERP_BF16), q, DOT_PRECISION, INTERP_BF16)
 
     if HAS_DROPOUT:
         dv = dv * inv_keep
     dk = dk * sm_scale
     tl.store(DK_ptr + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
-             dk.to(DK_ptr.dtype.element_ty), mask=col_ok[:, None])
+             cast(dk, DK_ptr.dtype.element_ty, INTERP_BF16), mask=col_ok[:, None])
     tl.store(DV_ptr + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvl + offs_d[None, :] * stride_dvd,
-             dv.to(DV_ptr.dtype.element_ty), mask=col_ok[:, None])
+             cast(dv, DV_ptr.dtype.element_ty, INTERP_BF16), mask=col_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -265,7 +266,7 @@ def _attn_bwd_dq_kernel(
     H, L, sm_scale, qk_scale, p_drop, inv_keep, seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, OFFSET_64: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     """One program = one (batch, head, query block): dQ = scale * sum over live key blocks of dS K."""
     pid_m = tl.program_id(0)
@@ -308,19 +309,19 @@ def _attn_bwd_dq_kernel(
                     mask=key_ok[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                     mask=key_ok[:, None], other=0.0)  # (BLOCK_N, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = dot(q, tl.trans(k), DOT_PRECISION, INTERP_BF16) * qk_scale  # (BLOCK_M, BLOCK_N)
         s = tl.where(key_ok[None, :], s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        dp = dot(do, tl.trans(v), DOT_PRECISION, INTERP_BF16)  # (BLOCK_M, BLOCK_N)
         if HAS_DROPOUT:
             keep = tl.rand(seed, row_base[:, None] + offs_n[None, :]) >= p_drop
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq += dot(cast(ds, k.dtype, INTERP_BF16), k, DOT_PRECISION, INTERP_BF16)
 
     dq = dq * sm_scale
     tl.store(DQ_ptr + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
-             dq.to(DQ_ptr.dtype.element_ty), mask=row_ok[:, None])
+             cast(dq, DQ_ptr.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None])
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -441,7 +442,7 @@ def _attn_fwd(q, k, v, key_mask, dropout_p: float, softmax_scale: float, seed: i
             H, L, softmax_scale * _LOG2E, float(dropout_p), 1.0 / (1.0 - dropout_p), int(seed),
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
             HAS_MASK=has_mask, HAS_DROPOUT=has_dropout, OFFSET_64=_offset_64(B, H, L),
-            DOT_PRECISION=_dot_precision(q.dtype),
+            DOT_PRECISION=_dot_precision(q.dtype), INTERP_BF16=interp_bf16(q),
             num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
         )
     return o, lse, (live, table, count)
@@ -461,7 +462,7 @@ def _attn_bwd(do, q, k, v, o, lse, key_mask, live, table, count, dropout_p: floa
     has_dropout = dropout_p > 0.0
     common = dict(
         HEAD_DIM=D, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout, OFFSET_64=_offset_64(B, H, L),
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
+        DOT_PRECISION=_dot_precision(q.dtype), INTERP_BF16=interp_bf16(q), num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
     )
     scalars = (H, L, softmax_scale, softmax_scale * _LOG2E, float(dropout_p), 1.0 / (1.0 - dropout_p), int(seed))
     with _device_ctx(q.device):

@@ -57,7 +57,9 @@ layers of one forward pass share it.
 
 All products accumulate in fp32; inputs may be float32, float16 or bfloat16 (float64 and other
 dtypes run the torch reference). For float32, ``tl.dot`` uses TF32 exactly when torch does
-(``torch.backends.cuda.matmul.allow_tf32``). Autocast is not applied: pass tensors of one dtype.
+(``torch.backends.cuda.matmul.allow_tf32``). Under ``torch.autocast`` the inputs are cast as ``F.linear``'s
+are (x, W, b, A, B to the autocast dtype) and the result comes out in that dtype; without autocast all
+tensors must share one dtype.
 """
 import functools
 import math
@@ -67,9 +69,11 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import check_same_device, check_same_dtype, check_tensor, interpreter_on, use_triton
+from ._dispatch import (autocast_dtype, autocast_inputs, check_same_device, check_same_dtype, check_tensor,
+                        use_triton)
 
 from ._triton import POISON_ENV, new_output as _empty, tl, triton  # noqa: F401
+from ._triton import cast as _cast, interp_bf16 as _interp_bf16, mma as _mma  # bf16 under the interpreter
 
 OP = "lora_linear"
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -104,30 +108,6 @@ if triton is not None:
         else:
             aid = (pid_m * 0).to(tl.int32)
         return aid
-
-    # Triton's CPU interpreter mishandles bfloat16: ``tl.dot`` on bf16 operands is wrong and
-    # fp32 -> bf16 casts truncate instead of rounding to nearest even. INTERP_BF16 (set only for
-    # bf16 under the interpreter) makes the two helpers below compute what the GPU computes.
-    @triton.jit
-    def _mma(a, b, acc, PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr):
-        """acc + a @ b, fp32 accumulation. Under INTERP_BF16 the bf16 operands are multiplied in
-        fp32 (bf16 products are exact in fp32, so only the summation order differs)."""
-        if INTERP_BF16:
-            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            out = tl.dot(a, b, acc, input_precision=PRECISION)
-        return out
-
-    @triton.jit
-    def _cast(v, DTYPE: tl.constexpr, INTERP_BF16: tl.constexpr):
-        """v.to(DTYPE); under INTERP_BF16 with round-to-nearest-even done on the fp32 bits."""
-        if INTERP_BF16 and DTYPE == tl.bfloat16:
-            bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            out = bits.to(tl.float32, bitcast=True).to(DTYPE)
-        else:
-            out = v.to(DTYPE)
-        return out
 
     @triton.jit
     def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -339,11 +319,6 @@ def _precision(x: torch.Tensor) -> Optional[str]:
     if x.dtype == torch.float32:
         return "tf32" if x.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return None
-
-
-def _interp_bf16(x: torch.Tensor) -> bool:
-    """bfloat16 under Triton's interpreter (see ``_mma`` / ``_cast``); never set when compiling."""
-    return x.dtype == torch.bfloat16 and interpreter_on()
 
 
 @functools.lru_cache(maxsize=None)
@@ -692,6 +667,10 @@ def lora_linear(
     Dispatch (``_dispatch.use_triton``): CUDA -> Triton, CPU with ``TRITON_INTERPRET=1`` -> Triton
     interpreter, else :func:`lora_linear_reference`. float64 inputs always use the reference.
     """
+    if isinstance(x, torch.Tensor) and autocast_dtype(x.device.type) is not None:  # as F.linear under autocast
+        x, weight, bias, lora_a, lora_b = autocast_inputs(x.device.type, x, weight, bias, lora_a, lora_b)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return lora_linear(x, weight, bias, lora_a, lora_b, scaling, adapter_ids)
     rows_per_id, num_adapters = _validate(x, weight, bias, lora_a, lora_b, scaling, adapter_ids)
     if x.dtype not in _KERNEL_DTYPES or triton is None or not use_triton(x, op=OP):
         return _reference(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, rows_per_id, num_adapters)
@@ -732,5 +711,7 @@ def lora_linear_reference(
     adapter's rows (index_select / index_add), so autograd gives every gradient, including zero
     gradients for adapters that have no rows.
     """
+    if isinstance(x, torch.Tensor) and autocast_dtype(x.device.type) is not None:
+        x, weight, bias, lora_a, lora_b = autocast_inputs(x.device.type, x, weight, bias, lora_a, lora_b)
     rows_per_id, num_adapters = _validate(x, weight, bias, lora_a, lora_b, scaling, adapter_ids)
     return _reference(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, rows_per_id, num_adapters)

@@ -358,9 +358,11 @@ class SMART(Regularizer):
         inputs are O(1) (LayerNorm outputs). The default ε = 1e-5 is then lost in the first matmul, and
         R_s measures only what else differs between the passes (dropout with ``dropout="eval"``). With
         ``rule="mtdnn"`` (|δ| ≈ 1) the perturbation survives."""
-        if self._precision_warned or self.lambda_s == 0 or not torch.is_autocast_enabled(device.type):
+        from minbert.kernels._dispatch import autocast_dtype
+
+        dtype = autocast_dtype(device.type)
+        if self._precision_warned or self.lambda_s == 0 or dtype is None:
             return
-        dtype = torch.get_autocast_dtype(device.type)
         resolution = torch.finfo(dtype).eps / 2  # relative rounding step: bf16 2^-8, fp16 2^-11
         if self.perturbation_scale() < resolution:
             warnings.warn(f"{self.where}: the perturbation (|δ| ≤ {self.perturbation_scale():g}) is below {dtype}'s "

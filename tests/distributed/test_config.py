@@ -41,6 +41,12 @@ def test_precision_auto_picks_bf16_on_a_bf16_gpu_and_flags_patch_it():
     assert fp32["bf16"]["enabled"] is False and fp32["fp16"]["enabled"] is False
     with pytest.raises(DeepSpeedConfigError, match="fp16 training needs a GPU"):
         resolve_ds_config(load_ds_config("zero2", precision="fp16"), _cfg(), 2, cuda=False)
+    # the trainer's autocast: bf16 on top of an engine in bf16 or fp32 is fine, on top of fp16 refused
+    for precision in ("bf16", "fp32"):
+        resolve_ds_config(load_ds_config("zero2", precision=precision), _cfg("autocast=bf16"), 2, cuda=True,
+                          bf16_supported=True)
+    with pytest.raises(DeepSpeedConfigError, match=r"autocast: 'bf16' with fp16.enabled.*pick one precision"):
+        resolve_ds_config(load_ds_config("zero2", precision="fp16"), _cfg("autocast=bf16"), 2, cuda=True)
 
 
 def test_patches_edit_the_json():

@@ -195,6 +195,27 @@ def test_half_precision(triton_backend, device, dtype):
     _compare(t, ids, dtype=dtype)
 
 
+@pytest.mark.parametrize("fn", [lora_linear, lora_linear_reference], ids=["kernel", "reference"])
+@pytest.mark.parametrize("adapters", [None, 3])
+def test_autocast_casts_inputs_like_f_linear(triton_backend, device, fn, adapters):
+    """Under torch.autocast(bf16), fp32 inputs (x, and the fp32 weight/adapters of a model) are cast
+    to bf16 as F.linear's are: the result is bf16 and equals the call on bf16 copies without
+    autocast, bit for bit; gradients reach the fp32 leaves in fp32 (the bf16 gradients, cast)."""
+    t, ids = _inputs(37, 70, 50, 4, adapters=adapters, device=device, bias_grad=True)
+    dy = torch.randn(37, 50, device=device)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        y, grads = _run(fn, t, ids, dy)
+    want_y, want_grads = _run(fn, _as(t, torch.bfloat16), ids, dy)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want_y)
+    assert set(grads) == set(want_grads) == {"x", "bias", "lora_a", "lora_b"}
+    for name, g in grads.items():
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g, want_grads[name].float(), rtol=0, atol=0, msg=name)
+    # outside autocast fp32 and bf16 still do not mix: that is a caller's mistake
+    with pytest.raises(TypeError, match="argument 'weight' has dtype torch.float32 but 'x' has torch.bfloat16"):
+        fn(t["x"].detach().bfloat16(), t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALING, ids)
+
+
 def test_bfloat16_rounding_is_round_to_nearest_even(triton_backend, device):
     """Integer inputs make every fp32 accumulation exact, so the only rounding is the bf16 casts
     (X A^T before the epilogue dot, Y on store): the kernel must match torch's RNE bit for bit."""

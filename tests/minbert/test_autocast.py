@@ -123,3 +123,35 @@ def test_smart_warns_when_its_perturbation_is_below_bf16_resolution(tiny_checkpo
         fresh.before_forward(model, batch)
         fresh(model, batch, model(batch))
     assert not [w for w in caught if "resolution" in str(w.message)]
+
+
+def test_lora_training_under_autocast(tiny_checkpoint, tmp_path):
+    """LoRA's fused linear casts its inputs as F.linear does under autocast (fp32 adapters, bf16 matmuls)."""
+    cfg = load_config(CONFIGS / "lora-last4.yaml", _overrides(tiny_checkpoint, tmp_path, "max_steps=3", "autocast=bf16",
+                                                              "lora.layers=[0, 1]"))
+    result = train(cfg)
+    assert all(v == v for k, v in result.items() if isinstance(v, float))
+    assert len(_losses(tmp_path)) == 3 and all(v == v for v in _losses(tmp_path).values())
+
+
+@pytest.mark.parametrize("attn", ["triton", "math"])
+def test_attention_providers_under_autocast(tiny_checkpoint, triton_backend, attn):
+    """Every attention provider takes the bf16 q, k, v autocast hands it, forward and backward."""
+    torch.manual_seed(0)
+    task = TaskConfig(name="sst", pooling="mean", head="linear", max_length=16)
+    model = MultitaskModel(BertModel.from_pretrained(tiny_checkpoint, attn_implementation=attn), [task]).train()
+    ref = MultitaskModel(BertModel.from_pretrained(tiny_checkpoint, attn_implementation="torch"), [task]).train()
+    ref.load_state_dict(model.state_dict())
+    tok = Tokenizer.from_pretrained(tiny_checkpoint)
+    batch = task.collate(tok)(data_lib.read_task_file(FIXTURES / "ids-sst-dev.csv", "sst").examples[:3])
+    outs = []
+    for m in (model, ref):
+        m.eval()  # no dropout: the providers draw different masks
+        with autocast_context("bf16", "cpu"):
+            out = m(batch)
+        out.sum().backward()
+        outs.append((out.detach(), m.bert.encoder.layer[0].attention.self.query.weight.grad))
+    (got, got_grad), (want, want_grad) = outs
+    assert got.dtype == torch.float32 and got_grad.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    torch.testing.assert_close(got_grad, want_grad, rtol=0.1, atol=0.1 * want_grad.abs().max().item())
