@@ -1,8 +1,8 @@
 """The ``minbert`` command.
 
     minbert train --config configs/multitask-joint.yaml [--set optim.lr=3e-5 ...] [--resume RUN_DIR/checkpoint]
-    minbert evaluate --checkpoint RUN_DIR/best [--data-dir DIR]
-    minbert predict --checkpoint RUN_DIR/best [--data-dir DIR] [--out DIR]
+    minbert evaluate --checkpoint RUN_DIR/best [RUN2/best ...] [--data-dir DIR]
+    minbert predict --checkpoint RUN_DIR/best [RUN2/best ...] [--data-dir DIR] [--out DIR]
     minbert encode --input sentences.txt --output embeddings.npy [--model DIR] [--pooling mean]
 
 Configuration problems (unknown keys, bad values, missing files) are reported before any training.
@@ -32,10 +32,10 @@ def _train(args) -> int:
     return 0
 
 
-def _load(args):
+def _load(args, checkpoint):
     from .train import load_model_dir, load_task_data
 
-    model, cfg, tokenizer = load_model_dir(args.checkpoint, device=args.device)
+    model, cfg, tokenizer = load_model_dir(checkpoint, device=args.device)
     if args.data_dir:
         cfg.data.dir = args.data_dir
     if args.bad_rows:
@@ -45,29 +45,54 @@ def _load(args):
     return model, cfg, tokenizer, load_task_data(cfg)
 
 
-def _evaluate(args) -> int:
+def _scored(args, splits):
+    """Per task and split: the prediction of one model, or the ensemble of several (``--checkpoint A B``)."""
     from . import data as data_lib
-    from .train import evaluate
+    from .ensemble import average_members, check_members
+    from .train import predict
 
-    model, cfg, tokenizer, datasets = _load(args)
-    loaders = {}
-    for task in cfg.tasks:
-        if datasets[task.name]["dev"] is not None:
-            loaders[task.name] = data_lib.TaskLoader(datasets[task.name]["dev"], 64,
-                                                     task.collate(tokenizer, evaluation=True), shuffle=False)
-    metrics, _ = evaluate(model, loaders, args.device, cfg.autocast)
+    members, configs = [], []
+    for checkpoint in args.checkpoint:
+        model, cfg, tokenizer, datasets = _load(args, checkpoint)
+        configs.append(cfg)
+        check_members(configs, args.checkpoint)
+        results = {}
+        for task in cfg.tasks:
+            for split in splits:
+                td = datasets[task.name].get(split)
+                if td is not None:
+                    loader = data_lib.TaskLoader(td, 64, task.collate(tokenizer, evaluation=True), shuffle=False)
+                    results[(task.name, split)] = predict(model, loader, args.device, cfg.autocast)
+        members.append(results)
+        del model
+    kinds = {t.name: t.kind for t in configs[0].tasks}
+    return configs[0], {key: average_members(key[0], kinds[key[0]], [m[key] for m in members]) for key in members[0]}
+
+
+def _evaluate(args) -> int:
+    from .metrics import task_metric
+    from .train import summarize
+
+    _, scored = _scored(args, ("dev",))
+    scores = {task: task_metric(task, r["preds"], r["labels"]) for (task, _), r in scored.items()
+              if r["labels"] is not None}
+    metrics = summarize(scores)
+    if len(args.checkpoint) > 1:
+        metrics["ensemble_members"] = len(args.checkpoint)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def _predict(args) -> int:
-    from .train import write_all_predictions
+    from .metrics import write_predictions
 
-    model, cfg, tokenizer, datasets = _load(args)
-    out = Path(args.out or Path(args.checkpoint).parent / "predictions")
-    written = write_all_predictions(model, cfg, tokenizer, datasets, out, args.device)
-    for name, path in written.items():
-        print(f"{name}: {path}")
+    _, scored = _scored(args, ("dev", "test"))
+    out = Path(args.out or Path(args.checkpoint[0]).parent / ("predictions" if len(args.checkpoint) == 1
+                                                              else "ensemble-predictions"))
+    out.mkdir(parents=True, exist_ok=True)
+    for (task, split), r in scored.items():
+        path = write_predictions(out / f"{task}-{split}-output.csv", task, r["ids"], r["preds"])
+        print(f"{task}-{split}: {path}")
     return 0
 
 
@@ -119,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (("evaluate", _evaluate, "dev metrics of a saved model"),
                              ("predict", _predict, "write dev/test prediction files (CS224N format)")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--checkpoint", required=True, help="a model folder written by training (RUN_DIR/best)")
+        p.add_argument("--checkpoint", required=True, nargs="+", metavar="DIR",
+                       help="a model folder written by training (RUN_DIR/best); several: their ensemble "
+                            "(class probabilities, Quora probabilities and STS scores averaged)")
         p.add_argument("--data-dir", help="folder of the CS224N TSV files")
         p.add_argument("--bad-rows", choices=["error", "skip"])
         p.add_argument("--device", default="cpu")
@@ -140,13 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from .data import DataError
+    from .ensemble import EnsembleError
     from .train import TrainingError
     from .train_config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DataError, TrainingError, FileNotFoundError, EnsembleError) as e:
         print(f"minbert {args.command}: error: {e}", file=sys.stderr)
         return 2
 

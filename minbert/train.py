@@ -176,12 +176,13 @@ def autocast_context(mode: Optional[str], device) -> contextlib.AbstractContextM
 
 @torch.no_grad()
 def predict(model: MultitaskModel, loader, device, autocast: Optional[str] = None) -> Dict[str, list]:
-    """Run the model over a loader: ids, predictions, labels (None for unlabelled files).
+    """Run the model over a loader: ids, predictions, labels (None for unlabelled files) and the
+    raw task outputs (logits or scores, for ensembles).
 
     ``autocast`` is the run's ``cfg.autocast`` (the precision the model was trained and selected in)."""
     was_training = model.training
     model.eval()
-    ids, preds, labels = [], [], []
+    ids, preds, labels, outputs = [], [], [], []
     for batch in loader:
         batch = batch.to(device)
         with autocast_context(autocast, device):
@@ -189,11 +190,12 @@ def predict(model: MultitaskModel, loader, device, autocast: Optional[str] = Non
             if batch.swapped is not None:  # symmetric evaluation: the mean output of both orders
                 out = 0.5 * (out + model(batch.swapped))
         preds.extend(predict_from_output(batch.task, out).cpu().tolist())
+        outputs.extend(out.cpu().tolist())
         ids.extend(batch.ids)
         if batch.labels is not None:
             labels.extend(batch.labels.cpu().tolist())
     model.train(was_training)
-    return {"ids": ids, "preds": preds, "labels": labels if labels else None}
+    return {"ids": ids, "preds": preds, "labels": labels if labels else None, "outputs": outputs}
 
 
 def summarize(scores: Dict[str, Dict[str, float]]) -> Dict[str, float]:

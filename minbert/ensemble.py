@@ -1,0 +1,83 @@
+"""Prediction ensembles of saved multitask models (``minbert evaluate/predict --checkpoint A B ...``).
+
+Each member runs with its own saved config (tokenization lengths, pair encoding, precision), and
+the members' outputs are averaged per example, matched by id:
+
+* classification (SST, CFIMDB): the mean of the class probabilities, p̄ = (1/M) Σ_m softmax(z_m);
+  the prediction is argmax p̄;
+* binary (Quora): the mean probability p̄ = (1/M) Σ_m σ(z_m); duplicate when p̄ > 0.5;
+* regression (STS): the mean score.
+
+Averaging probabilities rather than logits is the usual deep-ensemble rule (Lakshminarayanan et
+al. 2017); for one member it gives that member's predictions exactly.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+from .multitask import predict_from_output
+
+
+class EnsembleError(ValueError):
+    """Members that cannot be averaged (other tasks, other examples)."""
+
+
+def to_probabilities(task_kind: str, outputs: torch.Tensor) -> torch.Tensor:
+    """Model outputs (logits (N, C), a logit (N,), or scores (N,)) in the space members are averaged in."""
+    if task_kind == "classification":
+        return outputs.float().softmax(-1)
+    if task_kind == "binary":
+        return outputs.float().sigmoid()
+    return outputs.float()
+
+
+def from_probabilities(task_kind: str, mean: torch.Tensor) -> torch.Tensor:
+    """The inverse map, so that :func:`minbert.multitask.predict_from_output` applies unchanged."""
+    if task_kind == "classification":
+        return mean.clamp_min(1e-12).log()
+    if task_kind == "binary":
+        return torch.logit(mean.clamp(1e-12, 1 - 1e-12))
+    return mean
+
+
+def average_members(task: str, task_kind: str, results: Sequence[Dict[str, list]]) -> Dict[str, list]:
+    """One task's ensemble from each member's :func:`minbert.train.predict` result (with ``outputs``).
+
+    Members must have scored the same examples: the ids are matched, and a member missing an id or
+    holding an extra one is an error naming both."""
+    if not results:
+        raise EnsembleError(f"ensemble ({task}): no members")
+    ids = list(results[0]["ids"])
+    index = {i: n for n, i in enumerate(ids)}
+    if len(index) != len(ids):
+        raise EnsembleError(f"ensemble ({task}): member 0 has duplicate ids")
+    total = None
+    for m, result in enumerate(results):
+        if sorted(result["ids"]) != sorted(ids):
+            missing = sorted(set(ids) - set(result["ids"]))[:3]
+            extra = sorted(set(result["ids"]) - set(ids))[:3]
+            raise EnsembleError(f"ensemble ({task}): member {m} scored other examples than member 0 "
+                             f"(missing e.g. {missing}, extra e.g. {extra})")
+        order = torch.tensor([index[i] for i in result["ids"]])
+        probs = torch.empty_like(to_probabilities(task_kind, torch.as_tensor(result["outputs"])))
+        probs[order] = to_probabilities(task_kind, torch.as_tensor(result["outputs"]))
+        total = probs if total is None else total + probs
+    mean = total / len(results)
+    preds = predict_from_output(task, from_probabilities(task_kind, mean))
+    labels = results[0]["labels"]
+    if labels is not None:
+        by_id = dict(zip(results[0]["ids"], labels))
+        labels = [by_id[i] for i in ids]
+    return {"ids": ids, "preds": preds.tolist(), "labels": labels, "outputs": mean.tolist()}
+
+
+def check_members(configs: List, dirs: Sequence[str]) -> None:
+    """Members must hold the same tasks (same names and kinds)."""
+    first = [(t.name, t.kind) for t in configs[0].tasks]
+    for cfg, d in zip(configs[1:], dirs[1:]):
+        tasks = [(t.name, t.kind) for t in cfg.tasks]
+        if sorted(tasks) != sorted(first):
+            raise EnsembleError(f"ensemble: {d} was trained on tasks {tasks}, {dirs[0]} on {first}; members must "
+                             f"share their tasks")
