@@ -1,11 +1,13 @@
 """Quality benchmark (run by hand, not in CI): multitask fine-tuning on the real CS224N data.
 
-    python benchmarks/quality.py --config configs/multitask-joint.yaml [--set key=value ...]
+    python benchmarks/quality.py --config configs/multitask-joint.yaml [--set key=value ...] [--name RUN]
+    python benchmarks/quality.py --ensemble RUN1 RUN2 [--name NAME]
 
 Trains the recipe with the embedded checkpoint on ``../shared/data/cs224n`` (or ``--data-dir``),
 then writes ``benchmarks/results/quality-<recipe or --name>-<date>.json`` with the best dev metrics, the
 train/dev gap on SST, the wall time and the exact command, and prints a markdown row for
-``benchmarks/RESULTS.md``.
+``benchmarks/RESULTS.md``. ``--ensemble`` scores the saved best models of earlier runs together
+(:mod:`minbert.ensemble`) and counts their training wall times plus the scoring.
 """
 from __future__ import annotations
 
@@ -38,16 +40,61 @@ def sst_train_accuracy(run_dir: Path, cfg, limit: int = 2000) -> float:
     return accuracy(out["preds"], out["labels"])
 
 
+def _latest_result(run: str) -> dict:
+    files = sorted((REPO / "benchmarks" / "results").glob(f"quality-{run}-????-??-??.json"))
+    if not files:
+        raise SystemExit(f"--ensemble: no benchmarks/results/quality-{run}-<date>.json; train it first with --name {run}")
+    return json.loads(files[-1].read_text())
+
+
+def ensemble(args, argv) -> int:
+    """Score the ensemble of earlier runs (``minbert.ensemble``) and record it like a run."""
+    from minbert.ensemble import score_checkpoints
+    from minbert.metrics import task_metric
+    from minbert.train import summarize
+
+    members = [_latest_result(run) for run in args.ensemble]
+    dirs = [str(REPO / "runs" / f"quality-{run}" / "best") for run in args.ensemble]
+    t0 = time.perf_counter()
+    _, scored = score_checkpoints(dirs, ("dev",), data_dir=args.data_dir, bad_rows="skip")
+    scoring = time.perf_counter() - t0
+    dev = summarize({task: task_metric(task, r["preds"], r["labels"]) for (task, _), r in scored.items()})
+    name = args.name or "ensemble-" + "+".join(args.ensemble)
+    wall = sum(m["wall_time_s"] for m in members) + scoring
+    record = {
+        "recipe": name, "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "members": [{"run": run, "command": m["command"], "wall_time_s": m["wall_time_s"], "dev": m["dev"]}
+                    for run, m in zip(args.ensemble, members)],
+        "scoring_wall_time_s": round(scoring, 1), "wall_time_s": round(wall, 1), "dev": dev,
+    }
+    out = REPO / "benchmarks" / "results" / f"quality-{name}-{record['date']}.json"
+    out.write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
+    print(f"| {name} | {dev['sst/accuracy']:.3f} | {dev['quora/accuracy']:.3f} | {dev['sts/pearson']:.3f} | "
+          f"{dev['overall']:.3f} | | {wall / 60:.1f} min |")
+    return 0
+
+
 def main(argv=None) -> int:
     from minbert.train import train
     from minbert.train_config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config")
+    parser.add_argument("--ensemble", nargs="+", metavar="RUN",
+                        help="instead of training: the ensemble of earlier runs of this script (their --name), "
+                             "runs/quality-RUN/best; its wall time is the members' (from their result files) "
+                             "plus this scoring")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "cs224n"))
     parser.add_argument("--name", help="label of the run and its result file (default: the recipe's file name)")
     args = parser.parse_args(argv)
+    if (args.config is None) == (args.ensemble is None):
+        parser.error("give --config (train a recipe) or --ensemble RUN RUN ... (score earlier runs together)")
+    if args.ensemble:
+        return ensemble(args, argv)
     recipe = args.name or Path(args.config).stem
     day = datetime.date.today().isoformat()
     run_dir = REPO / "runs" / f"quality-{recipe}"

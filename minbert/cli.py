@@ -32,41 +32,12 @@ def _train(args) -> int:
     return 0
 
 
-def _load(args, checkpoint):
-    from .train import load_model_dir, load_task_data
-
-    model, cfg, tokenizer = load_model_dir(checkpoint, device=args.device)
-    if args.data_dir:
-        cfg.data.dir = args.data_dir
-    if args.bad_rows:
-        cfg.data.bad_rows = args.bad_rows
-    for task in cfg.tasks:  # evaluate on full dev sets
-        task.max_dev_examples = None
-    return model, cfg, tokenizer, load_task_data(cfg)
-
-
 def _scored(args, splits):
-    """Per task and split: the prediction of one model, or the ensemble of several (``--checkpoint A B``)."""
-    from . import data as data_lib
-    from .ensemble import average_members, check_members
-    from .train import predict
+    """Per (task, split): the prediction of one model, or the ensemble of several (``--checkpoint A B``)."""
+    from .ensemble import score_checkpoints
 
-    members, configs = [], []
-    for checkpoint in args.checkpoint:
-        model, cfg, tokenizer, datasets = _load(args, checkpoint)
-        configs.append(cfg)
-        check_members(configs, args.checkpoint)
-        results = {}
-        for task in cfg.tasks:
-            for split in splits:
-                td = datasets[task.name].get(split)
-                if td is not None:
-                    loader = data_lib.TaskLoader(td, 64, task.collate(tokenizer, evaluation=True), shuffle=False)
-                    results[(task.name, split)] = predict(model, loader, args.device, cfg.autocast)
-        members.append(results)
-        del model
-    kinds = {t.name: t.kind for t in configs[0].tasks}
-    return configs[0], {key: average_members(key[0], kinds[key[0]], [m[key] for m in members]) for key in members[0]}
+    return score_checkpoints(args.checkpoint, splits, data_dir=args.data_dir, bad_rows=args.bad_rows,
+                             device=args.device)
 
 
 def _evaluate(args) -> int:

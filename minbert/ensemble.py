@@ -13,7 +13,7 @@ al. 2017); for one member it gives that member's predictions exactly.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -81,3 +81,40 @@ def check_members(configs: List, dirs: Sequence[str]) -> None:
         if sorted(tasks) != sorted(first):
             raise EnsembleError(f"ensemble: {d} was trained on tasks {tasks}, {dirs[0]} on {first}; members must "
                              f"share their tasks")
+
+
+def score_checkpoints(checkpoints: Sequence[str], splits: Sequence[str] = ("dev",), data_dir: Optional[str] = None,
+                      bad_rows: Optional[str] = None, device: str = "cpu") -> Tuple[object, Dict[Tuple[str, str], dict]]:
+    """Score saved models on their tasks' files: ``(config of the first, {(task, split): result})``.
+
+    One checkpoint gives its own predictions; several give their ensemble (:func:`average_members`).
+    Each member is loaded, run with its own config and freed before the next one."""
+    from . import data as data_lib
+    from .train import load_model_dir, load_task_data, predict
+
+    if not checkpoints:
+        raise EnsembleError("ensemble: no checkpoints given")
+    members, configs = [], []
+    for checkpoint in checkpoints:
+        model, cfg, tokenizer = load_model_dir(checkpoint, device=device)
+        if data_dir:
+            cfg.data.dir = data_dir
+        if bad_rows:
+            cfg.data.bad_rows = bad_rows
+        for task in cfg.tasks:  # score the full dev sets
+            task.max_dev_examples = None
+        configs.append(cfg)
+        check_members(configs, checkpoints)
+        datasets = load_task_data(cfg)
+        results = {}
+        for task in cfg.tasks:
+            for split in splits:
+                td = datasets[task.name].get(split)
+                if td is not None:
+                    loader = data_lib.TaskLoader(td, 64, task.collate(tokenizer, evaluation=True), shuffle=False)
+                    results[(task.name, split)] = predict(model, loader, device, cfg.autocast)
+        members.append(results)
+        del model
+    kinds = {t.name: t.kind for t in configs[0].tasks}
+    scored = {key: average_members(key[0], kinds[key[0]], [m[key] for m in members]) for key in members[0]}
+    return configs[0], scored
