@@ -59,6 +59,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from minbert.engine import build_adamw
+
 from . import sharded
 from .config import DeepSpeedConfigError, offloads_optimizer, precision_of, zero_stage
 
@@ -100,7 +102,7 @@ class DeepSpeedEngineAdapter:
         if "optimizer" in ds_config:  # DeepSpeed builds it (e.g. its CPU Adam for optimizer offload)
             optimizer = None
         else:  # the same torch AdamW as the single-process engine
-            optimizer = torch.optim.AdamW(inside, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+            optimizer = build_adamw(inside, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.fused)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=inside, optimizer=optimizer, lr_scheduler=make_scheduler,
             config=engine_config, dist_init_required=False)
@@ -108,8 +110,7 @@ class DeepSpeedEngineAdapter:
         self.extra_params = [p for g in outside for p in g["params"]]
         self.extra_optimizer = self.extra_scheduler = None
         if outside:
-            self.extra_optimizer = torch.optim.AdamW(outside, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                                     eps=cfg.optim.eps)
+            self.extra_optimizer = build_adamw(outside, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.fused)
             self.extra_scheduler = make_scheduler(self.extra_optimizer)
         self._backward_calls = 0
         self._sharded: Optional[sharded.ShardedPCGrad] = None

@@ -62,6 +62,39 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: Opti
     return out
 
 
+def fused_adamw_supported(params: Iterable[torch.Tensor]) -> bool:
+    """Whether ``torch.optim.AdamW(fused=True)`` takes these parameters: floating point, all on one
+    device type that has the fused kernel (CUDA; the CPU since torch 2.4)."""
+    params = list(params)
+    if not params:
+        return False
+    kinds = {p.device.type for p in params}
+    if len(kinds) != 1 or not all(p.is_floating_point() for p in params):
+        return False
+    kind = kinds.pop()
+    if kind == "cuda":
+        return True
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return kind == "cpu" and (major, minor) >= (2, 4)
+
+
+def build_adamw(groups: List[Dict], lr: float, betas, eps: float, fused: Optional[bool] = None) -> torch.optim.AdamW:
+    """torch AdamW over ``groups``; ``fused=None`` uses the fused kernel where it is supported.
+
+    The fused kernel does the same update (decoupled weight decay, bias correction) in one pass
+    over each parameter instead of a dozen elementwise ops: on the 2-core CPU it steps MiniLM's
+    22.7M parameters in 15 ms instead of 78 ms (benchmarks/RESULTS.md)."""
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    params = [p for g in groups for p in g["params"]]
+    if fused is None:
+        fused = fused_adamw_supported(params)
+    elif fused and not fused_adamw_supported(params):
+        devices = sorted({str(p.device) for p in params})
+        raise ValueError(f"optim.fused: true, but torch {torch.__version__} has no fused AdamW for parameters on "
+                         f"{devices}; set optim.fused to null (auto) or false")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **({"fused": True} if fused else {}))
+
+
 class LocalEngine:
     """Single-process engine: gradients accumulate in ``.grad``; ``step`` clips, steps and zeroes."""
 

@@ -733,8 +733,12 @@ class HybridHead(Head):
         if not isinstance(features, HybridFeatures):
             raise TypeError(f"head 'hybrid' needs HybridFeatures (pair_encoding='hybrid'), got {type(features).__name__}")
         self._check_size(features)
-        out_bi = self.bi(features.pair).float()  # (B,) or (B, C); fp32 under autocast, as the model's output
-        out_cross = self.cross(features.cross).float()  # same shape
+        # (B,) or (B, C); fp32 under autocast, as the model's output
+        out_bi = self.bi(features.pair)
+        out_cross = self.cross(features.cross)
+        half = (torch.float16, torch.bfloat16)
+        out_bi = out_bi.float() if out_bi.dtype in half else out_bi
+        out_cross = out_cross.float() if out_cross.dtype in half else out_cross
         output = self.weight * out_bi + (1.0 - self.weight) * out_cross
         self._members = (output, out_bi, out_cross)
         return output

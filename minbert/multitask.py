@@ -122,9 +122,9 @@ class MultitaskModel(nn.Module):
         return pair if len(feats) == 2 else HybridFeatures(pair=pair, cross=feats[2])
 
     def forward(self, batch, inputs: Optional[List[torch.Tensor]] = None, start_layer: int = 0) -> torch.Tensor:
-        """The task output for ``batch.task``: logits (B, C), a logit (B,) or a score (B,), in fp32
+        """The task output for ``batch.task``: logits (B, C), a logit (B,) or a score (B,); at least fp32
         (under ``torch.autocast`` the heads' matmuls run in bf16; losses and metrics want fp32)."""
-        return self.heads[batch.task](self.features(batch, inputs, start_layer)).float()
+        return upcast(self.heads[batch.task](self.features(batch, inputs, start_layer)))
 
     def task_loss(self, task: str, loss_fn):
         """The loss ``loss(output, labels)`` that trains task ``task``'s head (a hybrid head averages its members')."""
@@ -136,6 +136,11 @@ class MultitaskModel(nn.Module):
     def shared_parameters(self) -> List[nn.Parameter]:
         """Parameters every task's loss reaches (the encoder), as PCGrad needs them."""
         return [p for p in self.bert.parameters() if p.requires_grad]
+
+
+def upcast(output: torch.Tensor) -> torch.Tensor:
+    """A half-precision (fp16/bf16) output in fp32; fp32 and fp64 unchanged."""
+    return output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
 
 
 def predict_from_output(task: str, output: torch.Tensor) -> torch.Tensor:

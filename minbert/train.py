@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from . import data as data_lib
-from .engine import LocalEngine, param_groups
+from .engine import LocalEngine, build_adamw, param_groups
 from .finetune import count_parameters, prepare
 from .losses import build_loss
 from .metrics import append_jsonl, confusion_matrix, overall_score, plot_confusion, plot_curves, task_metric, write_predictions
@@ -326,8 +326,10 @@ def train(
                                   epoch_starts=getattr(sampler, "epoch_starts", None))
 
     if engine_builder is None:
-        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups],
-                                      lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        try:
+            optimizer = build_adamw(groups, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.fused)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         engine = LocalEngine(model, optimizer, make_scheduler(optimizer), cfg.optim.grad_clip)
     else:
         engine = engine_builder(model, groups, make_scheduler, cfg)

@@ -170,6 +170,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
     layer_decay: float = 1.0  # layer-wise lr decay: encoder depth d gets lr * layer_decay^(L + 1 - d)
+    fused: Optional[bool] = None  # torch's fused AdamW kernel: null = where supported (CUDA; CPU on torch >= 2.4)
 
     def validate(self, prefix: str) -> None:
         if isinstance(self.layer_decay, bool) or not isinstance(self.layer_decay, (int, float)) \

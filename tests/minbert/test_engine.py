@@ -62,3 +62,32 @@ def test_layer_decay_scales_the_lr_by_depth():
         param_groups(model, lr, 0.01, layer_decay=0)
     with pytest.raises(ConfigError, match=r"optim.layer_decay must be a number in \(0, 1\], got 1.5"):
         OptimConfig(layer_decay=1.5).validate("optim")
+
+
+def test_fused_adamw_is_the_same_update_and_is_chosen_where_supported():
+    from minbert.engine import build_adamw, fused_adamw_supported
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = []
+    for net, fused in zip(nets, (False, True)):
+        groups = [{"params": list(net[0].parameters()), "weight_decay": 0.1, "names": ["0.weight", "0.bias"]},
+                  {"params": list(net[1].parameters()) + list(net[2].parameters()), "weight_decay": 0.0, "lr": 3e-3}]
+        opts.append(build_adamw(groups, 1e-2, (0.9, 0.99), 1e-8, fused=fused))
+    assert opts[1].defaults.get("fused") is True and not opts[0].defaults.get("fused")
+    x = torch.randn(11, 7)
+    for _ in range(5):
+        for net, opt in zip(nets, opts):
+            net(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # auto: fused on this torch's CPU; refused where there is no fused kernel
+    assert fused_adamw_supported(nets[0].parameters())
+    assert build_adamw([{"params": list(nets[0].parameters())}], 1e-3, (0.9, 0.999), 1e-8).defaults.get("fused")
+    assert not fused_adamw_supported([torch.zeros(2, dtype=torch.long)]) and not fused_adamw_supported([])
+    with pytest.raises(ValueError, match="optim.fused: true, but torch .* has no fused AdamW for parameters on"):
+        build_adamw([{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}], 1e-3, (0.9, 0.999), 1e-8,
+                    fused=True)
