@@ -40,6 +40,12 @@ def sst_train_accuracy(run_dir: Path, cfg, limit: int = 2000) -> float:
     return accuracy(out["preds"], out["labels"])
 
 
+def _provenance(argv) -> dict:
+    """The machine and the exact command of a result file."""
+    return {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
+
+
 def _latest_result(run: str) -> dict:
     files = sorted((REPO / "benchmarks" / "results").glob(f"quality-{run}-????-??-??.json"))
     if not files:
@@ -50,21 +56,18 @@ def _latest_result(run: str) -> dict:
 def ensemble(args, argv) -> int:
     """Score the ensemble of earlier runs (``minbert.ensemble``) and record it like a run."""
     from minbert.ensemble import score_checkpoints
-    from minbert.metrics import task_metric
-    from minbert.train import summarize
+    from minbert.train import score
 
     members = [_latest_result(run) for run in args.ensemble]
     dirs = [str(REPO / "runs" / f"quality-{run}" / "best") for run in args.ensemble]
     t0 = time.perf_counter()
     _, scored = score_checkpoints(dirs, ("dev",), data_dir=args.data_dir, bad_rows="skip")
     scoring = time.perf_counter() - t0
-    dev = summarize({task: task_metric(task, r["preds"], r["labels"]) for (task, _), r in scored.items()})
+    dev = score({task: r for (task, _), r in scored.items()})
     name = args.name or "ensemble-" + "+".join(args.ensemble)
     wall = sum(m["wall_time_s"] for m in members) + scoring
     record = {
-        "recipe": name, "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "recipe": name, "date": datetime.date.today().isoformat(), **_provenance(argv),
         "members": [{"run": run, "command": m["command"], "wall_time_s": m["wall_time_s"], "dev": m["dev"]}
                     for run, m in zip(args.ensemble, members)],
         "scoring_wall_time_s": round(scoring, 1), "wall_time_s": round(wall, 1), "dev": dev,
@@ -108,8 +111,7 @@ def main(argv=None) -> int:
     record = {
         "recipe": recipe,
         "date": day,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        **_provenance(argv),
         "wall_time_s": round(wall, 1),
         "best_step": info["step"],
         "dev": dev,

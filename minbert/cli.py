@@ -41,13 +41,10 @@ def _scored(args, splits):
 
 
 def _evaluate(args) -> int:
-    from .metrics import task_metric
-    from .train import summarize
+    from .train import score
 
     _, scored = _scored(args, ("dev",))
-    scores = {task: task_metric(task, r["preds"], r["labels"]) for (task, _), r in scored.items()
-              if r["labels"] is not None}
-    metrics = summarize(scores)
+    metrics = score({task: r for (task, _), r in scored.items()})
     if len(args.checkpoint) > 1:
         metrics["ensemble_members"] = len(args.checkpoint)
     print(json.dumps(metrics, indent=2))
@@ -55,15 +52,13 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from .metrics import write_predictions
+    from .train import write_results
 
     _, scored = _scored(args, ("dev", "test"))
     out = Path(args.out or Path(args.checkpoint[0]).parent / ("predictions" if len(args.checkpoint) == 1
                                                               else "ensemble-predictions"))
-    out.mkdir(parents=True, exist_ok=True)
-    for (task, split), r in scored.items():
-        path = write_predictions(out / f"{task}-{split}-output.csv", task, r["ids"], r["preds"])
-        print(f"{task}-{split}: {path}")
+    for name, path in write_results(scored, out).items():
+        print(f"{name}: {path}")
     return 0
 
 

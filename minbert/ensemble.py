@@ -61,8 +61,9 @@ def average_members(task: str, task_kind: str, results: Sequence[Dict[str, list]
             raise EnsembleError(f"ensemble ({task}): member {m} scored other examples than member 0 "
                              f"(missing e.g. {missing}, extra e.g. {extra})")
         order = torch.tensor([index[i] for i in result["ids"]])
-        probs = torch.empty_like(to_probabilities(task_kind, torch.as_tensor(result["outputs"])))
-        probs[order] = to_probabilities(task_kind, torch.as_tensor(result["outputs"]))
+        member = to_probabilities(task_kind, torch.as_tensor(result["outputs"]))
+        probs = torch.empty_like(member)
+        probs[order] = member
         total = probs if total is None else total + probs
     mean = total / len(results)
     preds = predict_from_output(task, from_probabilities(task_kind, mean))
@@ -89,8 +90,7 @@ def score_checkpoints(checkpoints: Sequence[str], splits: Sequence[str] = ("dev"
 
     One checkpoint gives its own predictions; several give their ensemble (:func:`average_members`).
     Each member is loaded, run with its own config and freed before the next one."""
-    from . import data as data_lib
-    from .train import load_model_dir, load_task_data, predict
+    from .train import load_model_dir, load_task_data, predict_splits
 
     if not checkpoints:
         raise EnsembleError("ensemble: no checkpoints given")
@@ -105,15 +105,7 @@ def score_checkpoints(checkpoints: Sequence[str], splits: Sequence[str] = ("dev"
             task.max_dev_examples = None
         configs.append(cfg)
         check_members(configs, checkpoints)
-        datasets = load_task_data(cfg)
-        results = {}
-        for task in cfg.tasks:
-            for split in splits:
-                td = datasets[task.name].get(split)
-                if td is not None:
-                    loader = data_lib.TaskLoader(td, 64, task.collate(tokenizer, evaluation=True), shuffle=False)
-                    results[(task.name, split)] = predict(model, loader, device, cfg.autocast)
-        members.append(results)
+        members.append(predict_splits(model, cfg, tokenizer, load_task_data(cfg), splits, device))
         del model
     kinds = {t.name: t.kind for t in configs[0].tasks}
     scored = {key: average_members(key[0], kinds[key[0]], [m[key] for m in members]) for key in members[0]}

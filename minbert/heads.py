@@ -698,6 +698,11 @@ class RelationalHead(Head):
 
 # --- bi + cross ---------------------------------------------------------------------------------
 
+def upcast(output: torch.Tensor) -> torch.Tensor:
+    """A half-precision (fp16/bf16) output in fp32; fp32 and fp64 unchanged."""
+    return output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
+
+
 class HybridHead(Head):
     """A two-member ensemble inside one model: a bi-encoder head and a cross-encoder head (``pair_encoding: hybrid``).
 
@@ -733,12 +738,8 @@ class HybridHead(Head):
         if not isinstance(features, HybridFeatures):
             raise TypeError(f"head 'hybrid' needs HybridFeatures (pair_encoding='hybrid'), got {type(features).__name__}")
         self._check_size(features)
-        # (B,) or (B, C); fp32 under autocast, as the model's output
-        out_bi = self.bi(features.pair)
-        out_cross = self.cross(features.cross)
-        half = (torch.float16, torch.bfloat16)
-        out_bi = out_bi.float() if out_bi.dtype in half else out_bi
-        out_cross = out_cross.float() if out_cross.dtype in half else out_cross
+        out_bi = upcast(self.bi(features.pair))  # (B,) or (B, C); fp32 under autocast, as the model's output
+        out_cross = upcast(self.cross(features.cross))  # same shape
         output = self.weight * out_bi + (1.0 - self.weight) * out_cross
         self._members = (output, out_bi, out_cross)
         return output

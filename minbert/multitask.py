@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .heads import HybridFeatures, HybridHead, PairFeatures, SentenceFeatures, build_head
+from .heads import HybridFeatures, HybridHead, PairFeatures, SentenceFeatures, build_head, upcast
 from .model import BertModel
 from .pooling import pool
 from .train_config import NUM_CLASSES, TaskConfig
@@ -136,11 +136,6 @@ class MultitaskModel(nn.Module):
     def shared_parameters(self) -> List[nn.Parameter]:
         """Parameters every task's loss reaches (the encoder), as PCGrad needs them."""
         return [p for p in self.bert.parameters() if p.requires_grad]
-
-
-def upcast(output: torch.Tensor) -> torch.Tensor:
-    """A half-precision (fp16/bf16) output in fp32; fp32 and fp64 unchanged."""
-    return output.float() if output.dtype in (torch.float16, torch.bfloat16) else output
 
 
 def predict_from_output(task: str, output: torch.Tensor) -> torch.Tensor:

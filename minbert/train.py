@@ -212,15 +212,16 @@ def summarize(scores: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return flat
 
 
+def score(results: Dict[str, dict]) -> Dict[str, float]:
+    """Flat metrics (:func:`summarize`) of ``{task: predict() result}``; unlabelled results are left out."""
+    return summarize({task: task_metric(task, r["preds"], r["labels"]) for task, r in results.items()
+                      if r["labels"] is not None})
+
+
 def evaluate(model: MultitaskModel, loaders: Dict, device, autocast: Optional[str] = None
              ) -> (Dict[str, float], Dict[str, dict]):
-    scores, outputs = {}, {}
-    for task, loader in loaders.items():
-        result = predict(model, loader, device, autocast)
-        outputs[task] = result
-        if result["labels"] is not None:
-            scores[task] = task_metric(task, result["preds"], result["labels"])
-    return summarize(scores), outputs
+    outputs = {task: predict(model, loader, device, autocast) for task, loader in loaders.items()}
+    return score(outputs), outputs
 
 
 # --- the trainer ------------------------------------------------------------------------------
@@ -573,17 +574,25 @@ def finish_run(run_dir: Path, model, cfg, tokenizer, datasets, device, log) -> N
         plot_confusion(cm, ["0", "1", "2", "3", "4"], run_dir / "sst_confusion.png")
 
 
-def write_all_predictions(model, cfg, tokenizer, datasets, out_dir: Path, device) -> Dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
+def predict_splits(model, cfg, tokenizer, datasets, splits=("dev", "test"), device="cpu") -> Dict[tuple, dict]:
+    """``{(task, split): predict() result}`` for every configured task and each split it has a file for."""
+    results = {}
     for task in cfg.tasks:
         collate = task.collate(tokenizer, evaluation=True)
-        for split in ("dev", "test"):
+        for split in splits:
             td = datasets[task.name].get(split)
-            if td is None:
-                continue
-            result = predict(model, data_lib.TaskLoader(td, 64, collate, shuffle=False), device, cfg.autocast)
-            path = out_dir / f"{task.name}-{split}-output.csv"
-            write_predictions(path, task.name, result["ids"], result["preds"])
-            written[f"{task.name}-{split}"] = path
-    return written
+            if td is not None:
+                results[(task.name, split)] = predict(model, data_lib.TaskLoader(td, 64, collate, shuffle=False),
+                                                      device, cfg.autocast)
+    return results
+
+
+def write_results(results: Dict[tuple, dict], out_dir: Path) -> Dict[str, Path]:
+    """CS224N prediction files ``<task>-<split>-output.csv`` for ``{(task, split): result}``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {f"{task}-{split}": write_predictions(out_dir / f"{task}-{split}-output.csv", task, r["ids"], r["preds"])
+            for (task, split), r in results.items()}
+
+
+def write_all_predictions(model, cfg, tokenizer, datasets, out_dir: Path, device) -> Dict[str, Path]:
+    return write_results(predict_splits(model, cfg, tokenizer, datasets, ("dev", "test"), device), out_dir)
