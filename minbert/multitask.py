@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .data import TASK_SPECS
 from .heads import HybridFeatures, HybridHead, PairFeatures, SentenceFeatures, build_head, upcast
 from .model import BertModel
 from .pooling import pool
@@ -139,9 +140,14 @@ class MultitaskModel(nn.Module):
 
 
 def predict_from_output(task: str, output: torch.Tensor) -> torch.Tensor:
-    """Model output -> prediction: class index (sst/cfimdb), 0/1 (quora), score (sts)."""
+    """Model output -> prediction: class index (sst/cfimdb), 0/1 (quora), score (sts).
+
+    A similarity score is clamped to the task's label range (0-5 for STS): a head such as 5·cos(u, v)
+    can output -1.2, but no gold score lies outside the range, so the clamped score is never further
+    from the truth. The raw output is what ensembles average and what the loss sees."""
     if task in ("sst", "cfimdb"):
         return output.argmax(-1)
     if task == "quora":
         return (output > 0).long()
-    return output
+    lo, hi = TASK_SPECS[task].label_range
+    return output.clamp(lo, hi)

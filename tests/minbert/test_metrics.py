@@ -100,6 +100,20 @@ def test_task_metric():
         task_metric("sts", [1.0, 2.0], [1.0, 2.0, 3.0])
 
 
+def test_predict_from_output():
+    from minbert.multitask import predict_from_output
+
+    logits = torch.tensor([[0.1, 2.0, -1.0, 0.0, 0.3], [3.0, 0.0, 0.0, 0.0, 0.0]])
+    assert predict_from_output("sst", logits).tolist() == [1, 0]
+    assert predict_from_output("quora", torch.tensor([-0.1, 0.0, 0.2])).tolist() == [0, 0, 1]
+    # STS scores are clamped to the label range 0-5 (5·cos can reach -5), inside it they pass unchanged
+    raw = torch.tensor([-1.25, 0.0, 2.5, 4.99, 5.3])
+    assert predict_from_output("sts", raw).tolist() == pytest.approx([0.0, 0.0, 2.5, 4.99, 5.0])
+    # ... which never moves a score away from any gold score in the range
+    gold = torch.linspace(0, 5, 11)
+    assert ((predict_from_output("sts", raw)[:, None] - gold).abs() <= (raw[:, None] - gold).abs()).all()
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: accuracy([1, 2], [1]), "'pred' has 2 values but 'gold' has 1"),
     (lambda: accuracy([], []), "empty"),
