@@ -1,13 +1,15 @@
 """Quality benchmark (run by hand, not in CI): multitask fine-tuning on the real CS224N data.
 
     python benchmarks/quality.py --config configs/multitask-joint.yaml [--set key=value ...] [--name RUN]
-    python benchmarks/quality.py --ensemble RUN1 RUN2 [--name NAME]
+    python benchmarks/quality.py --ensemble RUN1 RUN2/top/step-N ... [--name NAME]
 
 Trains the recipe with the embedded checkpoint on ``../shared/data/cs224n`` (or ``--data-dir``),
 then writes ``benchmarks/results/quality-<recipe or --name>-<date>.json`` with the best dev metrics, the
 train/dev gap on SST, the wall time and the exact command, and prints a markdown row for
-``benchmarks/RESULTS.md``. ``--ensemble`` scores the saved best models of earlier runs together
-(:mod:`minbert.ensemble`) and counts their training wall times plus the scoring.
+``benchmarks/RESULTS.md``. ``--ensemble`` scores saved models of earlier runs together (:mod:`minbert.ensemble`): ``RUN`` is
+that run's best model, ``RUN/top/step-N`` one of its snapshots (``--set save_top_k=K``); members may
+hold different tasks (single-task specialists). It counts each run's training wall time once, plus
+the scoring.
 """
 from __future__ import annotations
 
@@ -53,30 +55,41 @@ def _latest_result(run: str) -> dict:
     return json.loads(files[-1].read_text())
 
 
+def _member(spec: str):
+    """``RUN`` (runs/quality-RUN/best) or ``RUN/PATH`` (a folder inside that run, e.g. ``RUN/top/step-3066``,
+    a snapshot kept by ``save_top_k``): (run name, model folder)."""
+    run, _, sub = spec.partition("/")
+    return run, REPO / "runs" / f"quality-{run}" / (sub or "best")
+
+
 def ensemble(args, argv) -> int:
-    """Score the ensemble of earlier runs (``minbert.ensemble``) and record it like a run."""
+    """Score the ensemble of earlier runs (``minbert.ensemble``) and record it like a run.
+
+    Snapshots of one run count that run's training time once."""
     from minbert.ensemble import score_checkpoints
     from minbert.train import score
 
-    members = [_latest_result(run) for run in args.ensemble]
-    dirs = [str(REPO / "runs" / f"quality-{run}" / "best") for run in args.ensemble]
+    specs = [_member(spec) for spec in args.ensemble]
+    runs = list(dict.fromkeys(run for run, _ in specs))
+    members = {run: _latest_result(run) for run in runs}
     t0 = time.perf_counter()
-    _, scored = score_checkpoints(dirs, ("dev",), data_dir=args.data_dir, bad_rows="skip")
+    _, scored = score_checkpoints([str(d) for _, d in specs], ("dev",), data_dir=args.data_dir, bad_rows="skip")
     scoring = time.perf_counter() - t0
     dev = score({task: r for (task, _), r in scored.items()})
-    name = args.name or "ensemble-" + "+".join(args.ensemble)
-    wall = sum(m["wall_time_s"] for m in members) + scoring
+    name = args.name or "ensemble-" + "+".join(args.ensemble).replace("/", "_")
+    wall = sum(m["wall_time_s"] for m in members.values()) + scoring
     record = {
         "recipe": name, "date": datetime.date.today().isoformat(), **_provenance(argv),
-        "members": [{"run": run, "command": m["command"], "wall_time_s": m["wall_time_s"], "dev": m["dev"]}
-                    for run, m in zip(args.ensemble, members)],
+        "members": [{"run": run, "model": str(d.relative_to(REPO)), "command": members[run]["command"],
+                     "dev": json.loads((d / "info.json").read_text())["dev"]} for run, d in specs],
+        "training_wall_time_s": {run: members[run]["wall_time_s"] for run in runs},
         "scoring_wall_time_s": round(scoring, 1), "wall_time_s": round(wall, 1), "dev": dev,
     }
     out = REPO / "benchmarks" / "results" / f"quality-{name}-{record['date']}.json"
     out.write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))
-    print(f"| {name} | {dev['sst/accuracy']:.3f} | {dev['quora/accuracy']:.3f} | {dev['sts/pearson']:.3f} | "
-          f"{dev['overall']:.3f} | | {wall / 60:.1f} min |")
+    print(f"| {name} | {dev.get('sst/accuracy', float('nan')):.3f} | {dev.get('quora/accuracy', float('nan')):.3f} | "
+          f"{dev.get('sts/pearson', float('nan')):.3f} | {dev['overall']:.3f} | | {wall / 60:.1f} min |")
     return 0
 
 
@@ -87,9 +100,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config")
     parser.add_argument("--ensemble", nargs="+", metavar="RUN",
-                        help="instead of training: the ensemble of earlier runs of this script (their --name), "
-                             "runs/quality-RUN/best; its wall time is the members' (from their result files) "
-                             "plus this scoring")
+                        help="instead of training: the ensemble of earlier runs of this script (their --name): "
+                             "RUN = runs/quality-RUN/best, RUN/PATH = a folder of that run (RUN/top/step-N); "
+                             "its wall time is each run's once (from the result files) plus this scoring")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "cs224n"))
     parser.add_argument("--name", help="label of the run and its result file (default: the recipe's file name)")

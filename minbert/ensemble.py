@@ -8,6 +8,10 @@ the members' outputs are averaged per example, matched by id:
 * binary (Quora): the mean probability p̄ = (1/M) Σ_m σ(z_m); duplicate when p̄ > 0.5;
 * regression (STS): the mean score.
 
+Members may hold different tasks: each task is averaged over the members that hold it, so a
+multitask model can be joined by single-task specialists, and snapshots of one run (``save_top_k``)
+by models of other runs.
+
 Averaging probabilities rather than logits is the usual deep-ensemble rule (Lakshminarayanan et
 al. 2017); for one member it gives that member's predictions exactly.
 """
@@ -74,22 +78,13 @@ def average_members(task: str, task_kind: str, results: Sequence[Dict[str, list]
     return {"ids": ids, "preds": preds.tolist(), "labels": labels, "outputs": mean.tolist()}
 
 
-def check_members(configs: List, dirs: Sequence[str]) -> None:
-    """Members must hold the same tasks (same names and kinds)."""
-    first = [(t.name, t.kind) for t in configs[0].tasks]
-    for cfg, d in zip(configs[1:], dirs[1:]):
-        tasks = [(t.name, t.kind) for t in cfg.tasks]
-        if sorted(tasks) != sorted(first):
-            raise EnsembleError(f"ensemble: {d} was trained on tasks {tasks}, {dirs[0]} on {first}; members must "
-                             f"share their tasks")
-
-
 def score_checkpoints(checkpoints: Sequence[str], splits: Sequence[str] = ("dev",), data_dir: Optional[str] = None,
                       bad_rows: Optional[str] = None, device: str = "cpu") -> Tuple[object, Dict[Tuple[str, str], dict]]:
     """Score saved models on their tasks' files: ``(config of the first, {(task, split): result})``.
 
-    One checkpoint gives its own predictions; several give their ensemble (:func:`average_members`).
-    Each member is loaded, run with its own config and freed before the next one."""
+    One checkpoint gives its own predictions; several give their ensemble (:func:`average_members`):
+    each task (and split) is averaged over the members that hold it, so single-task specialists can
+    join a multitask model. Each member is loaded, run with its own config and freed before the next one."""
     from .train import load_model_dir, load_task_data, predict_splits
 
     if not checkpoints:
@@ -104,9 +99,9 @@ def score_checkpoints(checkpoints: Sequence[str], splits: Sequence[str] = ("dev"
         for task in cfg.tasks:  # score the full dev sets
             task.max_dev_examples = None
         configs.append(cfg)
-        check_members(configs, checkpoints)
         members.append(predict_splits(model, cfg, tokenizer, load_task_data(cfg), splits, device))
         del model
-    kinds = {t.name: t.kind for t in configs[0].tasks}
-    scored = {key: average_members(key[0], kinds[key[0]], [m[key] for m in members]) for key in members[0]}
+    kinds = {t.name: t.kind for cfg in configs for t in cfg.tasks}
+    keys = list(dict.fromkeys(key for m in members for key in m))  # first member's order, then the others'
+    scored = {key: average_members(key[0], kinds[key[0]], [m[key] for m in members if key in m]) for key in keys}
     return configs[0], scored

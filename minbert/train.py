@@ -131,6 +131,27 @@ def save_model_dir(directory: Path, model: MultitaskModel, cfg: TrainConfig, tok
         shutil.rmtree(old)
 
 
+def keep_top_k(top: List[List[float]], k: int, overall: float, step: int) -> bool:
+    """Add ``(overall, step)`` to ``top`` (the k best by dev overall, best first; ties keep the earlier
+    step) if it ranks among the k best; returns whether it does. ``top`` is changed in place."""
+    if any(int(s) == step for _, s in top):  # the same step evaluated again (a resumed run's final eval)
+        return False
+    if len(top) >= k and overall <= top[-1][0]:
+        return False
+    top.append([overall, step])
+    top.sort(key=lambda item: (-item[0], item[1]))
+    del top[k:]
+    return True
+
+
+def prune_top_k(directory: Path, top: List[List[float]]) -> None:
+    """Remove the ``step-<N>`` folders under ``directory`` that are no longer in ``top``."""
+    keep = {f"step-{int(step)}" for _, step in top}
+    for child in Path(directory).glob("step-*"):
+        if child.name not in keep:
+            shutil.rmtree(child)
+
+
 def load_model_dir(directory, device="cpu", attn_implementation: Optional[str] = None):
     """Rebuild (model, cfg, tokenizer) from a folder written by :func:`save_model_dir`."""
     from safetensors.torch import load_model
@@ -348,10 +369,12 @@ def train(
 
     # state that a resume restores -----------------------------------------------------------
     start_step, best, nan_run, nan_total = 0, -math.inf, 0, 0
+    top: List[List[float]] = []  # [[dev overall, step], ...] of the models kept under top/ (cfg.save_top_k)
     epoch_losses: Dict[str, List[float]] = {t: [] for t in names}
     if resume:
         client = engine.load_checkpoint(resume)
         start_step, best = client["step"], client["best"]
+        top = [list(item) for item in client.get("top", [])]
         nan_run, nan_total = client["nan_run"], client["nan_total"]
         epoch_losses = client["epoch_losses"]
         weighting.load_state_dict(client["weighting"])
@@ -378,7 +401,8 @@ def train(
 
     def client_state(step):
         return {
-            "step": step, "best": best, "nan_run": nan_run, "nan_total": nan_total, "epoch_losses": epoch_losses,
+            "step": step, "best": best, "top": top, "nan_run": nan_run, "nan_total": nan_total,
+            "epoch_losses": epoch_losses,
             "weighting": weighting.state_dict(), "loaders": {t: l.state_dict() for t, l in train_loaders.items()},
             "regularizers": {t: [r.state_dict() for r in regs] for t, regs in regularizers.items()},
             "rng": rng_state(), "sampler": sampler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
@@ -405,6 +429,11 @@ def train(
             with getattr(engine, "full_parameters", contextlib.nullcontext)():
                 if cfg.save_best and is_main:
                     save_model_dir(run_dir / "best", model, cfg, tokenizer, {"step": step, "dev": metrics})
+        if cfg.save_top_k and keep_top_k(top, cfg.save_top_k, metrics["overall"], step):
+            with getattr(engine, "full_parameters", contextlib.nullcontext)():
+                if is_main:
+                    save_model_dir(run_dir / "top" / f"step-{step}", model, cfg, tokenizer, {"step": step, "dev": metrics})
+                    prune_top_k(run_dir / "top", top)
         return metrics
 
     # the loop ----------------------------------------------------------------------------------

@@ -241,6 +241,9 @@ class TrainConfig:
     quiet: bool = False
     nan_patience: int = 5  # consecutive non-finite losses before stopping
     save_best: bool = True
+    # besides best/: keep the k best evaluated models by dev overall as top/step-<N>/ (0 = none), for
+    # snapshot ensembles (``minbert evaluate --checkpoint RUN/top/step-A RUN/top/step-B ...``)
+    save_top_k: int = 0
     save_every: Optional[int] = None  # steps between resumable checkpoints; None = once per epoch
     predict: bool = True  # write dev/test prediction files for the best model at the end
     ema: Optional[float] = None  # β of a moving average of the weights used for evaluation (e.g. 0.999)
@@ -285,6 +288,8 @@ class TrainConfig:
                 _positive_int(key, getattr(self, key))
         _positive_int("log_every", self.log_every)
         _positive_int("nan_patience", self.nan_patience)
+        if not isinstance(self.save_top_k, int) or isinstance(self.save_top_k, bool) or self.save_top_k < 0:
+            raise ConfigError(f"save_top_k must be an integer >= 0, got {self.save_top_k!r}")
         return self
 
     def task(self, name: str) -> TaskConfig:

@@ -96,9 +96,25 @@ def test_cli_ensemble_of_two_runs(tiny_checkpoint, tmp_path, capsys):
     assert scores[2]["sts/pearson"] == pytest.approx(pearson([ens[i] for i in ids], [gold[i] for i in ids]), abs=1e-3)
 
 
-def test_cli_refuses_members_with_other_tasks(tiny_checkpoint, tmp_path, capsys):
-    a, b = _run(tiny_checkpoint, tmp_path / "a", 0), _run(tiny_checkpoint, tmp_path / "b", 0, tasks="sst,sts")
+def test_cli_ensemble_with_a_single_task_specialist(tiny_checkpoint, tmp_path, capsys):
+    """A member holding fewer tasks joins only those: SST and Quora stay the multitask model's, STS is
+    the mean of both members."""
+    a, b = _run(tiny_checkpoint, tmp_path / "a", 0), _run(tiny_checkpoint, tmp_path / "b", 1, tasks="sts")
     capsys.readouterr()
-    assert main(["evaluate", "--checkpoint", str(a), str(b), "--data-dir", str(FIXTURES)]) == 2
-    err = capsys.readouterr().err
-    assert "minbert evaluate: error: ensemble:" in err and "members must share their tasks" in err
+    for args in ([a], [b], [a, b], [b, a]):
+        assert main(["predict", "--checkpoint", *map(str, args), "--data-dir", str(FIXTURES),
+                     "--out", str(tmp_path / ("pred-" + "-".join(p.parent.name for p in args)))]) == 0
+    files = sorted(p.name for p in (tmp_path / "pred-a-b").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "pred-a").iterdir())
+
+    def read(folder, name):
+        rows = (tmp_path / f"pred-{folder}" / name).read_text().splitlines()[1:]
+        return {r.split(",")[0].strip(): float(r.split(",")[1]) for r in rows}
+
+    for name in ("sst-dev-output.csv", "quora-dev-output.csv"):
+        assert read("a-b", name) == read("a", name) == read("b-a", name)
+    pa, pb, ens = read("a", "sts-dev-output.csv"), read("b", "sts-dev-output.csv"), read("a-b", "sts-dev-output.csv")
+    assert ens.keys() == pa.keys() == pb.keys()
+    for k in ens:
+        assert ens[k] == pytest.approx((pa[k] + pb[k]) / 2, abs=1e-4)
+    assert read("b-a", "sts-dev-output.csv") == pytest.approx(ens, abs=1e-6)

@@ -89,6 +89,56 @@ def test_resume_continues_the_same_run(tiny_checkpoint, tmp_path):
     assert want and got == want
 
 
+def test_keep_top_k_ranks_by_overall_and_keeps_earlier_ties():
+    from minbert.train import keep_top_k
+
+    top = []
+    assert [keep_top_k(top, 2, o, s) for o, s in [(0.5, 10), (0.7, 20), (0.6, 30), (0.6, 40), (0.8, 50)]] == \
+        [True, True, True, False, True]
+    assert top == [[0.8, 50], [0.7, 20]]
+    assert not keep_top_k(top, 2, 0.9, 50)  # the same step evaluated again is not kept twice
+
+
+def test_save_top_k_keeps_the_best_evaluated_models(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = load_config(CONFIGS / "multitask-joint.yaml",
+                      _overrides(tiny_checkpoint, out, "max_steps=6", "eval_every=1", "save_top_k=2", "predict=false"))
+    train(cfg)
+    evals = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("split") == "dev":
+            evals[r["step"]] = r["overall"]
+    assert sorted(evals) == [1, 2, 3, 4, 5, 6]
+    want = sorted(evals, key=lambda s: (-evals[s], s))[:2]
+    assert sorted(p.name for p in (out / "top").iterdir()) == sorted(f"step-{s}" for s in want)
+    for s in want:
+        info = json.loads((out / "top" / f"step-{s}" / "info.json").read_text())
+        assert info["step"] == s and info["dev"]["overall"] == pytest.approx(evals[s])
+    best = json.loads((out / "best" / "info.json").read_text())
+    assert best["step"] == want[0]
+    # a snapshot is a model folder like best/: it reloads and scores what training recorded
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "top" / f"step-{want[1]}"), "--data-dir", str(FIXTURES)]) == 0
+    assert json.loads(capsys.readouterr().out)["overall"] == pytest.approx(evals[want[1]], abs=1e-6)
+
+
+def test_save_top_k_survives_a_resume(tiny_checkpoint, tmp_path):
+    common = ["max_steps=6", "eval_every=1", "save_every=1", "save_top_k=2", "predict=false"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(load_config(CONFIGS / "multitask-joint.yaml", _overrides(tiny_checkpoint, full, *common)))
+    cfg = load_config(CONFIGS / "multitask-joint.yaml", _overrides(tiny_checkpoint, cut, *common))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, stop_at_step=4)
+    train(cfg, resume=str(cut / "checkpoint"))
+    assert sorted(p.name for p in (cut / "top").iterdir()) == sorted(p.name for p in (full / "top").iterdir())
+
+
+def test_save_top_k_must_be_a_count():
+    with pytest.raises(ConfigError, match="save_top_k must be an integer >= 0"):
+        load_config(CONFIGS / "multitask-joint.yaml", ["save_top_k=-1"])
+
+
 SIMCSE_SUP = "tasks.sts.aux_losses=[{name: simcse_sup, file: nli-train.csv, batch_size: 4, weight: 0.5}]"
 
 
