@@ -42,9 +42,22 @@ def sst_train_accuracy(run_dir: Path, cfg, limit: int = 2000) -> float:
     return accuracy(out["preds"], out["labels"])
 
 
+def _cpu() -> str:
+    """The CPU's model name and whether it has AMX (bf16 matmuls are much faster with it), from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")),
+                 platform.machine())
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{model} ({', '.join(bf16) or 'no bf16 instructions'})"
+
+
 def _provenance(argv) -> dict:
     """The machine and the exact command of a result file."""
-    return {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+    return {"machine": f"{_cpu()}, {torch.get_num_threads()} threads",
             "command": "python benchmarks/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))}
 
 
