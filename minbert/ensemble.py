@@ -17,7 +17,7 @@ al. 2017); for one member it gives that member's predictions exactly.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
