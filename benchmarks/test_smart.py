@@ -11,7 +11,8 @@ Each provider times one full step -- forward, task loss, regularizer terms, back
 * ``smart``: SMART's smoothness term, K = 1 ascent step, embedding-level perturbation (layer 0),
   default options (projection, ∞-norm, ``dropout="eval"``);
 * ``smart+mbpp``: the same plus the Bregman term against the momentum teacher;
-* ``r3f``: R3F (random noise, no ascent step);
+* ``r3f``: R3F (random noise, no ascent step); ``r3f+mbpp``: with the Bregman term (the
+  ``smarter-hybrid`` recipe's regularizer);
 * ``smart@layer3``, ``smart@layer5``: SMART perturbing the input of encoder layer k (layer 0 is
   ``smart``);
 * ``smart:shared``, ``smart+mbpp:shared``: with ``dropout="shared"`` (the clean pass's dropout
@@ -53,6 +54,7 @@ PROVIDERS = {
     "smart": dict(lambda_s=1.0, mu=0.0),
     "smart+mbpp": dict(lambda_s=1.0, mu=1.0),
     "r3f": dict(lambda_s=1.0, mu=0.0, noise="r3f"),
+    "r3f+mbpp": dict(lambda_s=1.0, mu=1.0, noise="r3f"),
     "smart@layer3": dict(lambda_s=1.0, mu=0.0, layer=3),
     "smart@layer5": dict(lambda_s=1.0, mu=0.0, layer=5),
     "smart:shared": dict(lambda_s=1.0, mu=0.0, dropout="shared"),
@@ -165,7 +167,7 @@ def test_smart_training_step(benchmark, device, threads, provider):
 _AUTOCAST = {}  # provider -> summary of the bf16/fp32 comparison
 
 
-@pytest.mark.parametrize("provider", ["plain", "smart+mbpp"])
+@pytest.mark.parametrize("provider", ["plain", "smart+mbpp", "r3f+mbpp"])
 def test_autocast_training_step(benchmark, device, provider):
     """``autocast: bf16`` against fp32: the same step (model, batch, provider), paired rounds.
 
