@@ -423,17 +423,20 @@ def train(
                 rec.update({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{t}/")})
                 append_jsonl(run_dir / "metrics.jsonl", rec)
             log(f"step {step}: dev " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if metrics["overall"] > best:
+        new_best = metrics["overall"] > best
+        if new_best:
             best = metrics["overall"]
-            # ZeRO-3 keeps parameters partitioned: every rank takes part in gathering them
-            with getattr(engine, "full_parameters", contextlib.nullcontext)():
-                if cfg.save_best and is_main:
-                    save_model_dir(run_dir / "best", model, cfg, tokenizer, {"step": step, "dev": metrics})
-        if cfg.save_top_k and keep_top_k(top, cfg.save_top_k, metrics["overall"], step):
+        in_top = bool(cfg.save_top_k) and keep_top_k(top, cfg.save_top_k, metrics["overall"], step)
+        if (new_best and cfg.save_best) or in_top:
+            # ZeRO-3 keeps parameters partitioned: every rank takes part in gathering them (once for both saves)
             with getattr(engine, "full_parameters", contextlib.nullcontext)():
                 if is_main:
-                    save_model_dir(run_dir / "top" / f"step-{step}", model, cfg, tokenizer, {"step": step, "dev": metrics})
-                    prune_top_k(run_dir / "top", top)
+                    info = {"step": step, "dev": metrics}
+                    if new_best and cfg.save_best:
+                        save_model_dir(run_dir / "best", model, cfg, tokenizer, info)
+                    if in_top:
+                        save_model_dir(run_dir / "top" / f"step-{step}", model, cfg, tokenizer, info)
+                        prune_top_k(run_dir / "top", top)
         return metrics
 
     # the loop ----------------------------------------------------------------------------------
