@@ -8,7 +8,6 @@ benchmark's untimed ``setup``); the printed ratio is the median of update / bare
 update's median is what ``ema`` adds to every step of a run.
 """
 import statistics
-import time
 
 import torch
 
@@ -18,7 +17,7 @@ from minbert.ema import ParameterEMA
 ROUNDS, WARMUP = 30, 3
 
 
-def test_ema_update_vs_bare_lerp(benchmark, device):
+def test_ema_update_vs_bare_lerp(benchmark, paired, device):
     torch.manual_seed(0)
     model = BertModel.from_pretrained().to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -28,23 +27,12 @@ def test_ema_update_vs_bare_lerp(benchmark, device):
     sources = [p.detach() for p in params]
     n = sum(p.numel() for p in params)
 
-    def timed(fn, log):
-        def run():
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            log.append(time.perf_counter() - t)
-        return run
-
-    update_s, bare_s = [], []
     benchmark.group = f"EMA update, {n / 1e6:.1f}M parameters ({device.type}, {torch.get_num_threads()} threads)"
     with torch.no_grad():
-        benchmark.pedantic(timed(lambda: ema.update(model), update_s),
-                           setup=timed(lambda: torch._foreach_lerp_(copies, sources, 0.005), bare_s),
-                           rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    update_s, bare_s = update_s[-ROUNDS:], bare_s[-ROUNDS:]
-    ratio = statistics.median(u / b for u, b in zip(update_s, bare_s))
+        update, bare = paired(lambda: ema.update(model), lambda: torch._foreach_lerp_(copies, sources, 0.005),
+                              rounds=ROUNDS, warmup=WARMUP)
+    update_s, bare_s = [t.wall for t in update], [t.wall for t in bare]
+    ratio = paired.ratio(update, bare)
     assert ema.updates == ROUNDS + WARMUP
     benchmark.extra_info.update(parameters=n, tensors=len(params), update_median_s=statistics.median(update_s),
                                 bare_lerp_median_s=statistics.median(bare_s), update_over_bare=ratio)

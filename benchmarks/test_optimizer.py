@@ -7,7 +7,6 @@ torch 2.4). Every round of the fused step is paired with a round of the default 
 benchmark's untimed ``setup``); the printed ratio is the median of default / fused per pair.
 """
 import statistics
-import time
 
 import pytest
 import torch
@@ -26,33 +25,18 @@ def _optimizer(fused: bool, device):
     groups = [{"params": params, "weight_decay": 0.01}]
     opt = build_adamw(groups, 2e-5, (0.9, 0.999), 1e-8, fused=fused)
 
-    def step():
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    return step, sum(p.numel() for p in params)
+    return opt.step, sum(p.numel() for p in params)
 
 
-def test_adamw_step_fused_vs_default(benchmark, device):
+def test_adamw_step_fused_vs_default(benchmark, paired, device):
     if not fused_adamw_supported([torch.zeros(1, device=device)]):
         pytest.skip(f"torch {torch.__version__} has no fused AdamW on {device.type}")
     fused, n = _optimizer(True, device)
     default, _ = _optimizer(False, device)
-    fused_s, default_s = [], []
-
-    def timed(fn, log):
-        def run():
-            t = time.perf_counter()
-            fn()
-            log.append(time.perf_counter() - t)
-        return run
-
     benchmark.group = f"AdamW step, {n / 1e6:.1f}M parameters ({device.type}, {torch.get_num_threads()} threads)"
-    benchmark.pedantic(timed(fused, fused_s), setup=timed(default, default_s), rounds=ROUNDS, warmup_rounds=WARMUP,
-                       iterations=1)
-    fused_s, default_s = fused_s[-ROUNDS:], default_s[-ROUNDS:]
-    ratio = statistics.median(d / f for d, f in zip(default_s, fused_s))
+    fused_t, default_t = paired(fused, default, rounds=ROUNDS, warmup=WARMUP)
+    fused_s, default_s = [t.wall for t in fused_t], [t.wall for t in default_t]
+    ratio = paired.ratio(default_t, fused_t)
     benchmark.extra_info.update(parameters=n, default_median_s=statistics.median(default_s),
                                 fused_median_s=statistics.median(fused_s), default_over_fused=ratio)
     print(f"\nAdamW over {n / 1e6:.1f}M parameters: default {statistics.median(default_s) * 1e3:.1f} ms, "

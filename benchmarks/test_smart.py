@@ -31,7 +31,6 @@ synchronize, ratios use wall time, and the SMART kernels take their Triton path.
 """
 import os
 import statistics
-import time
 import warnings
 
 import pytest
@@ -110,16 +109,6 @@ def _trainer_step(provider, device, autocast=None):
     return step, regs
 
 
-def _timed(fn, log):
-    """``fn`` wrapped to append (wall s, CPU s) of each call to ``log``."""
-    def run():
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        log.append((time.perf_counter() - w, time.process_time() - c))
-
-    return run
-
-
 def _table():
     lines = [f"{'provider':<18} {'wall min s':>10} {'cpu med s':>10} {'ratio':>6} {'wall ratio':>10} {'target':>8}"]
     for name, r in _RESULTS.items():
@@ -140,25 +129,21 @@ def threads(device):
 
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_smart_training_step(benchmark, device, threads, provider):
+def test_smart_training_step(benchmark, paired, device, threads, provider):
     step, regs = _trainer_step(provider, device)
-    rounds, plain_rounds = [], []
-    setup = None
-    if provider != "plain":
-        setup = _timed(_trainer_step("plain", device)[0], plain_rounds)
+    baseline = None if provider == "plain" else _trainer_step("plain", device)[0]
 
     benchmark.group = f"SMART training step B={BATCH} L={LENGTH} ({device.type}, {threads} threads)"
-    benchmark.pedantic(_timed(step, rounds), setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    rounds = rounds[-ROUNDS:]  # the warm-up rounds come first
-    plain = rounds if provider == "plain" else plain_rounds[-ROUNDS:]
-    which = 1 if device.type == "cpu" else 0  # CPU time on the CPU, wall time on CUDA
-    ratio = statistics.median(r[which] / p[which] for r, p in zip(rounds, plain))
-    wall_ratio = statistics.median(r[0] / p[0] for r, p in zip(rounds, plain))
-    _RESULTS[provider] = dict(wall_min=min(r[0] for r in rounds), cpu_median=statistics.median(r[1] for r in rounds),
+    rounds, plain = paired(step, baseline, rounds=ROUNDS, warmup=WARMUP)
+    plain = rounds if provider == "plain" else plain
+    clock = "cpu" if device.type == "cpu" else "wall"  # CPU time on the CPU, wall time on CUDA
+    ratio = paired.ratio(rounds, plain, clock)
+    wall_ratio = paired.ratio(rounds, plain)
+    _RESULTS[provider] = dict(wall_min=min(r.wall for r in rounds), cpu_median=statistics.median(r.cpu for r in rounds),
                               ratio=ratio, wall_ratio=wall_ratio)
     benchmark.extra_info.update(
         provider=provider, device=str(device), threads=threads, ratio_to_plain=ratio, wall_ratio_to_plain=wall_ratio,
-        ratio_clock="process CPU time" if which else "wall", rounds_wall_cpu_s=rounds, plain_rounds_wall_cpu_s=plain,
+        ratio_clock="process CPU time" if clock == "cpu" else "wall", rounds_wall_cpu_s=rounds, plain_rounds_wall_cpu_s=plain,
         target_ratio=TARGETS.get(provider), smart_skipped=sum(reg.skipped for reg in regs))
     assert all(reg.skipped == 0 for reg in regs)
     print("\n" + _table())
@@ -168,7 +153,7 @@ _AUTOCAST = {}  # provider -> summary of the bf16/fp32 comparison
 
 
 @pytest.mark.parametrize("provider", ["plain", "smart+mbpp", "r3f+mbpp"])
-def test_autocast_training_step(benchmark, device, provider):
+def test_autocast_training_step(benchmark, paired, device, provider):
     """``autocast: bf16`` against fp32: the same step (model, batch, provider), paired rounds.
 
     Runs with the trainer's threads (all cores: what a training run gets). On a CPU with AMX or
@@ -177,17 +162,15 @@ def test_autocast_training_step(benchmark, device, provider):
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     step, _ = _trainer_step(provider, device, autocast="bf16")
-    rounds, fp32_rounds = [], []
-    setup = _timed(_trainer_step(provider, device)[0], fp32_rounds)
+    fp32_step, _ = _trainer_step(provider, device)
     benchmark.group = f"autocast bf16 vs fp32, training step B={BATCH} L={LENGTH} ({device.type}, " \
                       f"{torch.get_num_threads()} threads)"
     with warnings.catch_warnings():  # SMART's "δ below bf16 resolution" warning: known, see minbert/smart.py
         warnings.simplefilter("ignore")
-        benchmark.pedantic(_timed(step, rounds), setup=setup, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-    rounds, fp32_rounds = rounds[-ROUNDS:], fp32_rounds[-ROUNDS:]
-    speedup = statistics.median(f[0] / r[0] for r, f in zip(rounds, fp32_rounds))
-    _AUTOCAST[provider] = dict(fp32=statistics.median(f[0] for f in fp32_rounds),
-                               bf16=statistics.median(r[0] for r in rounds), speedup=speedup)
+        rounds, fp32_rounds = paired(step, fp32_step, rounds=ROUNDS, warmup=WARMUP)
+    speedup = paired.ratio(fp32_rounds, rounds)
+    _AUTOCAST[provider] = dict(fp32=statistics.median(f.wall for f in fp32_rounds),
+                               bf16=statistics.median(r.wall for r in rounds), speedup=speedup)
     benchmark.extra_info.update(provider=provider, device=str(device), threads=torch.get_num_threads(),
                                 fp32_over_bf16=speedup, rounds_wall_cpu_s=rounds, fp32_rounds_wall_cpu_s=fp32_rounds)
     print("\n" + "\n".join([f"{'provider':<12} {'fp32 med s':>10} {'bf16 med s':>10} {'fp32/bf16':>9}"] + [
