@@ -33,7 +33,9 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "transformers", "ninja"],
+        # `distributed` (dask) is here for tests/test_import_names.py: the PyPI packages named like the
+        # kernels/ and distributed/ folders must import and work beside minbert.
+        "dev": ["pytest", "pytest-benchmark", "transformers", "ninja", "distributed"],
     },
     entry_points={"console_scripts": ["minbert=minbert.cli:main"]},
 )

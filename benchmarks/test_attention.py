@@ -3,7 +3,7 @@
 Run: ``pytest benchmarks/test_attention.py --benchmark-only`` (add ``--benchmark-json=out.json``).
 Providers run side by side in one session:
 
-* ``triton``: :func:`minbert.kernels.attention` (CUDA only; skipped on CPU with a reason),
+* ``triton``: :func:`minbert.kernels.attention.attention` (CUDA only; skipped on CPU with a reason),
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with the boolean key mask; on
   CUDA forced to the memory-efficient backend (the flash backend rejects masks),
 * ``math``: :func:`minbert.kernels.attention_reference` (explicit softmax(QK^T) V).

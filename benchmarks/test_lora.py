@@ -10,7 +10,7 @@ Providers, compared side by side in one run (same group = same shape, pass and a
   row keeps only its own adapter's r columns, then multiplied by ``[B_0 B_1 B_2]^T``. This is
   sync-free and matmul-shaped (no per-adapter index_select, no (N, r, in) gather), the fastest
   plain-torch form we know, at T times the low-rank FLOPs.
-* ``triton``: ``minbert.kernels.lora_linear`` (fused; see kernels/lora.py). GPU only: on CPU it
+* ``triton``: ``minbert.kernels.lora.lora_linear`` (fused; see kernels/lora.py). GPU only: on CPU it
   is skipped, because the Triton interpreter is a correctness tool, not a fast path.
 
 Shapes: bert-base (768 -> 768 and 768 -> 3072) and MiniLM (384 -> 384 and 384 -> 1536), 4096 rows,
@@ -80,7 +80,7 @@ def _provider_fn(provider):
         return lambda x, w, b, a, bb, ids: F.linear(x, w, b)
     if provider == "torch":
         return _torch_unfused
-    from minbert.kernels import lora_linear
+    from minbert.kernels.lora import lora_linear
 
     return lambda x, w, b, a, bb, ids: lora_linear(x, w, b, a, bb, SCALING, ids)
 

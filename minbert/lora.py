@@ -43,7 +43,7 @@ attention calls (``minbert.model.Unpadder``), so per-sequence ids could not be m
 
 What is fused
 -------------
-The forward calls :func:`minbert.kernels.lora_linear` (base matmul and low-rank term in one Triton
+The forward calls :func:`minbert.kernels.lora.lora_linear` (base matmul and low-rank term in one Triton
 kernel on GPU, or in the interpreter; the plain-torch reference otherwise, see kernels/lora.py).
 The kernel reads the same x for both terms, so LoRA dropout (``dropout > 0``, training mode)
 cannot be fused: then the layer computes ``F.linear(x, W, b) + s · B A dropout(x)`` unfused (the
@@ -73,7 +73,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minbert.kernels import lora_linear
+from minbert.kernels.lora import lora_linear
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class LoRALinear(nn.Module):
 
         ``adapter_ids`` (per-task mode only) mixes adapters within one call: ids index
         ``self.tasks`` (-1 = no adapter), one per row of x flattened to (N, in), or one per
-        sequence for x (B, L, in) -- see :func:`minbert.kernels.lora_linear`.
+        sequence for x (B, L, in) -- see :func:`minbert.kernels.lora.lora_linear`.
         """
         if self.merged is not None:
             if adapter_ids is not None:

@@ -9,7 +9,7 @@ Attention is chosen by ``config.attn_implementation``:
 * ``"torch"``: ``torch.nn.functional.scaled_dot_product_attention`` with an additive padding mask
   (on CPU with autograd recording, explicit math instead: it measured faster there).
 * ``"math"``: explicit ``softmax(QKᵀ/√d + mask) V``; the readable reference the tests compare with.
-* ``"triton"``: the fused kernel :func:`minbert.kernels.attention` (padding-aware, in-kernel dropout).
+* ``"triton"``: the fused kernel :func:`minbert.kernels.attention.attention` (padding-aware, in-kernel dropout).
 
 Only the implementation changes; names and weights stay the same.
 """
@@ -145,7 +145,7 @@ class BertSelfAttention(nn.Module):
         elif impl == "math":
             ctx = attention_math(q, k, v, attention_mask, p, self.training)
         elif impl == "triton":
-            from minbert.kernels import attention
+            from minbert.kernels.attention import attention
 
             ctx = attention(q, k, v, key_padding_mask=attention_mask, dropout_p=p)
         else:  # config validation makes this unreachable

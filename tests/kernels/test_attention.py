@@ -15,7 +15,7 @@ import torch
 from minbert.kernels import _dispatch
 from minbert.kernels.attention import attention, attention_dropout_mask, attention_reference
 
-attn_mod = importlib.import_module("minbert.kernels.attention")  # the module (the package exports the function)
+attn_mod = importlib.import_module("minbert.kernels.attention")
 
 FLOOR = 1e-6  # relative to the reference's magnitude
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from minbert.kernels import lora as lora_mod
-from minbert.kernels import lora_linear, lora_linear_reference
+from minbert.kernels.lora import lora_linear, lora_linear_reference
 
 SCALING = 2.0  # alpha / r
 

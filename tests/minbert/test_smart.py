@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import minbert.kernels as K
+import minbert.kernels.smart as K
 from minbert import BertConfig, BertModel, Tokenizer, default_checkpoint
 from minbert import data as data_lib
 from minbert.multitask import MultitaskModel
