@@ -72,16 +72,16 @@ def consolidated_state_dict(checkpoint_dir, tag: Optional[str] = None) -> Tuple[
 
 
 def _rebuild(cfg):
-    from minbert.checkpoints import resolve_checkpoint
-    from minbert.config import BertConfig
-    from minbert.finetune import prepare
+    from minbert.pretrained import resolve_checkpoint
+    from minbert.bert_config import BertConfig
+    from minbert.finetune import set_trainable
     from minbert.model import BertModel
     from minbert.multitask import MultitaskModel
 
     folder = resolve_checkpoint(cfg.model)
     bert_cfg = BertConfig.from_json_file(folder / "config.json", attn_implementation=cfg.attn_implementation)
     model = MultitaskModel(BertModel(bert_cfg), cfg.tasks)
-    prepare(model, cfg)
+    set_trainable(model, cfg)
     return model
 
 

@@ -331,7 +331,7 @@ class DeepSpeedEngineAdapter:
         # done, before its closing barrier, so a rank lost while writing its optimizer partition would
         # leave 'latest' naming a torn tag. We pass save_latest=False and rank 0 replaces 'latest'
         # atomically only after a barrier that every rank reaches when all of its files are written.
-        from minbert.checkpoints import atomic_path
+        from minbert.pretrained import atomic_path
 
         rank_local = {key: client.pop(key, None) for key in RANK_LOCAL}
         rank_local.update(rank=self.rank, world_size=self.world_size)

@@ -131,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .config import (DeepSpeedConfigError, check_with_deepspeed, load_ds_config, precision_of,
                          resolve_ds_config, zero_stage)
-    from .sharded import ShardedPCGradError, check_stage3_regularizers, check_supported
+    from .sharded import ShardedPCGradError, ZeRO3UnsupportedError, check_stage3_regularizers, check_supported
 
     import torch
 
@@ -156,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_with_deepspeed(ds)
         if args.dist_timeout <= 0:
             raise ConfigError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
-    except (ConfigError, DeepSpeedConfigError, ShardedPCGradError, FileNotFoundError) as e:
+    except (ConfigError, DeepSpeedConfigError, ZeRO3UnsupportedError, FileNotFoundError) as e:
         _say(rank, f"error: {e}")
         return 2
 
@@ -223,7 +223,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as e:
         _say(rank, f"stopped: {e}")
         code = 130
-    except (ConfigError, DeepSpeedConfigError, ShardedPCGradError, DataError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, DeepSpeedConfigError, ZeRO3UnsupportedError, ShardedPCGradError, DataError, TrainingError, FileNotFoundError) as e:
         _say(rank, f"error: {e}")
         code = 2
     except Exception as e:  # noqa: BLE001 -- every rank must exit non-zero, with a message that says why

@@ -60,17 +60,21 @@ COMBINE_CHUNK = 1 << 22  # columns per float64 chunk when combining (bounds the 
 
 
 class ShardedPCGradError(RuntimeError):
-    """PCGrad cannot run on this DeepSpeed set-up."""
+    """PCGrad's task-gradient shards do not match the ZeRO optimizer's layout."""
+
+
+class ZeRO3UnsupportedError(RuntimeError):
+    """A recipe asks ZeRO stage 3 for something it cannot run (refused at start-up, not mid-run)."""
 
 
 def check_supported(stage: int, weighting_name: str) -> None:
     """Fail at start-up (not mid-run) for a weighting that ZeRO-3 cannot run."""
     if stage == 3 and weighting_name == "uncertainty":
-        raise ShardedPCGradError(
+        raise ZeRO3UnsupportedError(
             "weighting 'uncertainty' is not supported with ZeRO stage 3: it trains log-variance parameters outside "
             "the model, which could not be clipped together with ZeRO-3's partitioned gradients. Use ZeRO stage 0-2.")
     if stage == 3 and weighting_name in ("pcgrad", "gse"):
-        raise ShardedPCGradError(
+        raise ZeRO3UnsupportedError(
             f"weighting '{weighting_name}' is not supported with ZeRO stage 3: it needs one backward pass per task "
             "over the same forward graph, and ZeRO-3 frees and re-gathers the partitioned parameters inside hooks "
             "tied to a single backward pass (DeepSpeed issues #3539 and #7352). Use ZeRO stage 1 or 2, which shard "
@@ -84,12 +88,12 @@ def check_stage3_regularizers(stage: int, cfg) -> None:
     uses_smart = (cfg.smart is not None and cfg.smart.get("enabled", True)) or any(
         t.smart is not None and t.smart.get("enabled", True) for t in cfg.tasks)
     if stage == 3 and uses_smart:
-        raise ShardedPCGradError(
+        raise ZeRO3UnsupportedError(
             "smart is not supported with ZeRO stage 3: its Bregman teacher copies the trainable parameters and "
             "runs the model with them, but under ZeRO-3 each rank only holds empty placeholders for parameters it "
             "does not own. Use ZeRO stage 0-2 (which keep full parameters on every rank).")
     if stage == 3 and getattr(cfg, "ema", None):
-        raise ShardedPCGradError(
+        raise ZeRO3UnsupportedError(
             "ema (weight averaging for evaluation) is not supported with ZeRO stage 3: it copies the trainable "
             "parameters into the average and back, but under ZeRO-3 each rank only holds empty placeholders for "
             "parameters it does not own. Use ZeRO stage 0-2, or drop ema.")

@@ -39,8 +39,8 @@ class _SiblingFolders:
 if not any(f is _SiblingFolders or getattr(f, "__qualname__", None) == "_SiblingFolders" for f in _sys.meta_path):
     _sys.meta_path.append(_SiblingFolders)
 
-from .checkpoints import default_checkpoint
-from .config import BertConfig
+from .pretrained import default_checkpoint
+from .bert_config import BertConfig
 from .model import (
     BertAttention,
     BertEmbeddings,

@@ -172,7 +172,7 @@ class LocalEngine:
 
 def save_local_checkpoint(path, engine: LocalEngine, client_state: Dict) -> None:
     """One file holding model, optimizer, scheduler and the trainer's client state, written atomically."""
-    from .checkpoints import atomic_path
+    from .pretrained import atomic_path
 
     with atomic_path(path) as tmp:
         torch.save({"engine": engine.state_dict(), "client": client_state}, tmp)

@@ -1,4 +1,4 @@
-"""Fine-tune modes: which parameters train. Each is a function ``prepare(model, cfg) -> trainable params``.
+"""Fine-tune modes: which parameters train. Each is a function ``set_trainable(model, cfg) -> trainable params``.
 
 * ``full-model``: the encoder and the heads.
 * ``last-linear-layer``: the encoder is frozen (and kept in eval mode, so no dropout), heads train.
@@ -26,10 +26,8 @@ def _last_linear_layer(model, cfg) -> List[nn.Parameter]:
 
 
 def _lora(model, cfg) -> List[nn.Parameter]:
-    try:
-        from .lora import apply_lora
-    except ImportError:
-        raise RuntimeError("finetune: lora is not available yet in this version of minbert") from None
+    from .lora import apply_lora
+
     options = dict(cfg.lora)
     per_task = options.pop("per_task", False)
     tasks = [t.name for t in cfg.tasks] if per_task else None
@@ -40,7 +38,7 @@ def _lora(model, cfg) -> List[nn.Parameter]:
 FINETUNE: Dict[str, Callable] = {"full-model": _full_model, "last-linear-layer": _last_linear_layer, "lora": _lora}
 
 
-def prepare(model, cfg) -> List[nn.Parameter]:
+def set_trainable(model, cfg) -> List[nn.Parameter]:
     if cfg.finetune not in FINETUNE:
         raise ValueError(f"finetune: unknown mode {cfg.finetune!r}; expected one of {sorted(FINETUNE)}")
     return FINETUNE[cfg.finetune](model, cfg)

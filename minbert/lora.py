@@ -503,7 +503,7 @@ def save_adapters(model: nn.Module, path: Union[str, Path]) -> Path:
     """Write the adapters alone as safetensors (atomically), with the LoRA options as metadata."""
     from safetensors.torch import save_file
 
-    from .checkpoints import atomic_path
+    from .pretrained import atomic_path
 
     config = lora_config(model)
     if config is None:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import BertConfig
+from .bert_config import BertConfig
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ class BertModel(nn.Module):
         shape-mismatched keys raise one error that lists them all (``strict=False`` keeps the
         fresh initialisation for missing keys instead, with a warning).
         """
-        from .checkpoints import load_state_dict, resolve_checkpoint
+        from .pretrained import load_state_dict, resolve_checkpoint
 
         folder = resolve_checkpoint(name_or_path)
         config = BertConfig.from_json_file(folder / "config.json", **config_overrides)
@@ -412,7 +412,7 @@ class BertModel(nn.Module):
         """Write config.json and model.safetensors (atomically) that ``transformers.BertModel`` loads."""
         from safetensors.torch import save_file
 
-        from .checkpoints import atomic_path
+        from .pretrained import atomic_path
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

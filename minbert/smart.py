@@ -100,7 +100,7 @@ accumulated), and the teacher's pass runs under ``no_grad`` with ``torch.func.fu
 swapping in the teacher's tensors. The teacher holds only the trainable parameters
 (``requires_grad``), so with LoRA it costs only the adapters and the heads. There is one θ̃ for
 the model, as in the paper: the trainer calls :meth:`SMART.bind` with every regularizer of the
-run, and all tasks whose β is equal share one :class:`MomentumTeacher` (a task configured with
+run, and all tasks whose β is equal share one :class:`ParameterEMA` (a task configured with
 another β gets its own). Under ``torch.distributed`` (DeepSpeed ZeRO 0-2) each rank stores only
 its 1/N slice of θ̃ and all-gathers it for the teacher's pass. MBPP refuses DeepSpeed ZeRO
 stage 3, whose partitioned parameters cannot be copied whole.
@@ -135,7 +135,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .ema import ParameterEMA as MomentumTeacher  # MBPP's teacher θ̃
+from .ema import ParameterEMA  # MBPP's teacher θ̃ is a moving average of the parameters
 from .regularizers import Regularizer, register
 from .train_config import ConfigError
 
@@ -306,7 +306,7 @@ class SMART(Regularizer):
         self.skipped = 0
         self.bregman_skipped = 0
         self.last_rs: Optional[float] = None
-        self.momentum_teacher: Optional[MomentumTeacher] = MomentumTeacher(self.beta, where) if self.mu > 0 else None
+        self.momentum_teacher: Optional[ParameterEMA] = ParameterEMA(self.beta, where) if self.mu > 0 else None
         self.owns_teacher = True  # False once bind() hands this task another task's teacher
         self._pending: Optional[Dict[str, Any]] = None
         self._precision_warned = False
@@ -500,7 +500,7 @@ class SMART(Regularizer):
 
     # --- MBPP -----------------------------------------------------------------------------------
     def bind(self, regularizers) -> None:
-        """Share one :class:`MomentumTeacher` among all tasks' SMART regularizers with the same β: the
+        """Share one :class:`ParameterEMA` among all tasks' SMART regularizers with the same β: the
         first of them owns it (updates and saves it), the others use it."""
         if self.momentum_teacher is None:
             return

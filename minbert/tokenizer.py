@@ -32,7 +32,7 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, name_or_path=None) -> "Tokenizer":
         """Load from a checkpoint folder (None -> the embedded default checkpoint)."""
-        from .checkpoints import resolve_checkpoint
+        from .pretrained import resolve_checkpoint
 
         folder = resolve_checkpoint(name_or_path, need_config=False)
         options = {}
@@ -108,7 +108,7 @@ class Tokenizer:
         return self.backend.encode(text).tokens
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
-        from .checkpoints import atomic_path
+        from .pretrained import atomic_path
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,7 @@ import yaml
 
 from . import data as data_lib
 from .engine import LocalEngine, build_adamw, param_groups
-from .finetune import count_parameters, prepare
+from .finetune import count_parameters, set_trainable
 from .losses import build_loss
 from .metrics import append_jsonl, confusion_matrix, overall_score, plot_confusion, plot_curves, task_metric, write_predictions
 from .model import BertModel
@@ -41,7 +41,7 @@ from .ema import ParameterEMA
 from .regularizers import REGULARIZERS, RegularizerContext, build_regularizers
 from .schedules import build_lr_scheduler, build_task_sampler
 from .tokenizer import Tokenizer
-from .train_config import ConfigError, TrainConfig, check_available
+from .train_config import ConfigError, TrainConfig
 from .weighting import build_weighting
 
 logger = logging.getLogger("minbert.train")
@@ -156,7 +156,7 @@ def load_model_dir(directory, device="cpu", attn_implementation: Optional[str] =
     """Rebuild (model, cfg, tokenizer) from a folder written by :func:`save_model_dir`."""
     from safetensors.torch import load_model
 
-    from .config import BertConfig
+    from .bert_config import BertConfig
     from .train_config import load_config
 
     directory = Path(directory)
@@ -167,7 +167,7 @@ def load_model_dir(directory, device="cpu", attn_implementation: Optional[str] =
         cfg.attn_implementation = attn_implementation
     bert_cfg = BertConfig.from_json_file(directory / "encoder" / "config.json", attn_implementation=cfg.attn_implementation)
     model = MultitaskModel(BertModel(bert_cfg), cfg.tasks)
-    prepare(model, cfg)
+    set_trainable(model, cfg)
     load_model(model, str(directory / "multitask.safetensors"))
     tokenizer = Tokenizer.from_pretrained(directory)
     return model.to(device).eval(), cfg, tokenizer
@@ -256,7 +256,6 @@ def _task_regularizers(cfg: TrainConfig) -> Dict[str, list]:
         if cfg.smart is not None or task.smart is not None:
             smart = {**(cfg.smart or {}), **(task.smart or {})}
         if smart is not None and smart.get("enabled", True):
-            check_available("smart", f"tasks.{task.name}.smart")
             import minbert.smart  # noqa: F401  (registers "smart")
 
             options = {k: v for k, v in smart.items() if k != "enabled"}
@@ -295,8 +294,6 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "config.yaml", "w", encoding="utf-8") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    if cfg.finetune == "lora":
-        check_available("lora", "finetune: lora")
     regularizers = _task_regularizers(cfg)
     loss_fns = _task_losses(cfg)
 
@@ -332,7 +329,7 @@ def train(
     bert = BertModel.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation)
     model = MultitaskModel(bert, cfg.tasks)
     loss_fns = {t: model.task_loss(t, fn) for t, fn in loss_fns.items()}
-    prepare(model, cfg)
+    set_trainable(model, cfg)
     model.to(device).train()
     counts = count_parameters(model)
     log(f"parameters: {counts['trainable']:,} trainable of {counts['total']:,} "

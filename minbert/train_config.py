@@ -493,9 +493,6 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Lis
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-        requires = data.pop("requires", None)
-        if requires:
-            check_available(requires, str(path))
     data = copy.deepcopy(data)
     for text in overrides or []:
         key, value = parse_override(text)
@@ -510,23 +507,3 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[Lis
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None
 
-
-# Features that arrive in their own issues; a recipe naming one that is not built fails clearly.
-def feature_available(name: str) -> bool:
-    import importlib.util
-
-    modules = {"smart": "minbert.smart", "lora": "minbert.lora", "pcgrad": "minbert.weighting.pcgrad",
-               "deepspeed": "minbert.distributed.launch"}
-    module = modules.get(name)
-    if module is None:
-        return True
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def check_available(requires, source: str) -> None:
-    for name in requires if isinstance(requires, list) else [requires]:
-        if not feature_available(name):
-            raise ConfigError(f"{source}: this recipe needs '{name}', which is not available yet in this version of minbert")

@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from minbert.smart import MomentumTeacher
+from minbert.ema import ParameterEMA
 
 
 def build():
@@ -28,7 +28,7 @@ def main(out):
     beta, steps = 0.7, 4
     model = build()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    teacher = MomentumTeacher(beta)
+    teacher = ParameterEMA(beta)
     teacher.ensure(model)
     history = [{n: p.detach().double().clone() for n, p in trainable.items()}]
     g = torch.Generator().manual_seed(1)
@@ -43,11 +43,11 @@ def main(out):
             + sum((1 - beta) * beta ** (steps - j) * history[j][n] for j in range(1, steps + 1))
             for n in trainable}
     state = teacher.state_dict()
-    again = MomentumTeacher(beta)
+    again = ParameterEMA(beta)
     again.load_state_dict(state)
     mismatch = None
     try:
-        MomentumTeacher(beta).load_state_dict(dict(state, world=3))
+        ParameterEMA(beta).load_state_dict(dict(state, world=3))
     except ValueError as e:
         mismatch = str(e)
     torch.save({"shard_numel": teacher.shard.numel(), "numel": teacher.numel, "gathered": gathered, "want": want,

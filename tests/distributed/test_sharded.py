@@ -74,7 +74,7 @@ def test_single_rank_shards_are_the_whole_vector():
 
 
 def test_stage3_refuses_gradient_surgery_at_start_up():
-    with pytest.raises(sharded.ShardedPCGradError, match="not supported with ZeRO stage 3.*#3539 and #7352"):
+    with pytest.raises(sharded.ZeRO3UnsupportedError, match="not supported with ZeRO stage 3.*#3539 and #7352"):
         sharded.check_supported(3, "pcgrad")
     sharded.check_supported(2, "pcgrad")
     sharded.check_supported(3, "equal")

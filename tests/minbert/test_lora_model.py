@@ -144,12 +144,12 @@ def test_only_adapters_train_and_the_count_is_r_times_in_plus_out(options, paths
 
 def test_multitask_model_heads_stay_trainable(tiny_checkpoint):
     cfg = load_config(CONFIGS / "lora-qk-r4.yaml", [f"model={tiny_checkpoint}"])
-    from minbert.finetune import prepare
+    from minbert.finetune import set_trainable
     from minbert.multitask import MultitaskModel
 
     model = MultitaskModel(BertModel.from_pretrained(tiny_checkpoint), cfg.tasks)
     heads = sum(p.numel() for p in model.heads.parameters())
-    params = prepare(model, cfg)
+    params = set_trainable(model, cfg)
     assert sum(p.numel() for p in params) == count_trainable(model) == heads + expected_count(ALL_PATHS[:2], range(2), 4)
     assert not any(p.requires_grad for n, p in model.bert.named_parameters() if ".lora_" not in n)
 

