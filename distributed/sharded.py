@@ -1,49 +1,12 @@
-r"""PCGrad on sharded gradients: each rank keeps only its ZeRO shard of every task gradient.
+"""PCGrad on sharded gradients: each rank keeps only its ZeRO shard of every task gradient.
 
-PCGrad's update is a linear combination of the task gradients whose weights depend only on
-their Gram matrix (:func:`minbert.weighting.pcgrad_weights`)::
-
-    Σ_i g_i^PC = Σ_j w_j g_j,        w = pcgrad_weights(G, order),   G_ij = g_i · g_j
-
-and a Gram matrix is a sum over coordinates, so it splits over any partition of the parameter
-vector: G = Σ_r G^(r) with G^(r) the Gram matrix of rank r's coordinates. The sharded algorithm
-per step, on every rank r of N:
-
-1. for each task t: g_t^(r) = rank r's shard of the data-parallel *average* of the task's
-   gradient (a reduce-scatter of the local gradients; projecting each rank's local gradient and
-   averaging afterwards would be a different, wrong, method);
-2. G = all_reduce(Σ over r of g^(r) g^(r)ᵀ)   -- a T×T matrix, the only extra communication;
-3. w = pcgrad_weights(G, order), with ``order`` drawn from the weighting's own seeded generator,
-   which advances identically on every rank;
-4. rank r writes Σ_j w_j g_j^(r) into its shard of the gradient the optimizer steps with.
-
-Task-gradient memory per rank: T·P/N (plus one transient full local gradient while a task's
-shard is being reduced) instead of T·P.
-
-Step 1 takes each task's gradient with ``torch.autograd.grad`` on the retained graph: no
-DeepSpeed hook fires (they sit on gradient accumulation), and the reduce-scatter is this
-module's own, laid out exactly like DeepSpeed's partitions. Cost: T backward passes for the task
-gradients plus the engine's one backward of Σ_t L_t below (T + 1; the single-process PCGrad needs
-T), one reduce-scatter of P values per task, one all-reduce of T×T values.
-
-Task-specific parameters (the heads) are not in the projection: a head only receives its own
-task's gradient, so its update must not be scaled by w. As in the single-process
-:class:`~minbert.weighting.PCGrad`, one ordinary ``engine.backward(Σ_t L_t)`` gives every parameter
-its plain summed gradient (heads: their own task's), and the shared coordinates are then moved to
-the PCGrad direction by adding ``Σ_j (w_j − 1) g_j`` -- the difference between the PCGrad
-direction and the plain sum, which is zero on coordinates outside the shared parameters. The
-addition happens once per optimizer step, after DeepSpeed's own reduction at the accumulation
-boundary (:meth:`Shards.flush`), directly in the partition DeepSpeed will step with:
-
-* ZeRO-1/2: ``optimizer.averaged_gradients[group]`` (the reduced partition gradients), or with
-  optimizer offload ``single_partition_of_fp32_groups[group].grad`` (and its per-parameter norms,
-  which DeepSpeed computed during backward and uses for clipping);
-* ZeRO-0 (plain data parallel): there is no partition, so the shards are an even split of the
-  flattened shared parameters and the combined shards are all-gathered into ``p.grad``.
-
-ZeRO-3 partitions the parameters themselves and re-gathers them inside hooks tied to a single
-backward pass; several backward passes over one forward graph break it (DeepSpeed issues #3539,
-#7352), so PCGrad refuses stage 3 at start-up (:func:`check_supported`).
+Σ_i g_i^PC = Σ_j w_j g_j with w = pcgrad_weights(G, order) and G_ij = g_i · g_j, and a Gram matrix
+is a sum over coordinates: G = all_reduce(Σ_r G^(r)). Per step each rank reduce-scatters every
+task's averaged gradient to its shard (``torch.autograd.grad`` on the retained graph), all-reduces
+the T×T Gram matrix, derives the same w from the same seeded order, and adds Σ_j (w_j − 1) g_j^(r)
+to the partition DeepSpeed steps with (:meth:`Shards.flush`). Task-gradient memory per rank: T·P/N.
+ZeRO-3 cannot run several backward passes over one graph and is refused at start-up.
+Derivation and the ZeRO-0/1/2 details: docs/pcgrad.md.
 """
 from __future__ import annotations
 

@@ -1,23 +1,9 @@
 """PCGrad: gradient surgery for multi-task learning (Yu et al., NeurIPS 2020).
 
-For each task i, its gradient is projected, against each other task j taken in a random order,
-onto the normal plane of the *original* g_j whenever the two conflict:
-
-    g_i^PC ← g_i^PC − (g_i^PC · g_j / ‖g_j‖²) g_j      if g_i^PC · g_j < 0
-
-and the update direction is Σ_i g_i^PC. Every g_i^PC stays a linear combination of the original
-gradients, g_i^PC = Σ_j c_ij g_j (c_i = e_i at the start), and the dot product each test needs is
-
-    g_i^PC · g_j = Σ_k c_ik g_k · g_j = c_i · G[:, j],     G_kj = g_k · g_j  (the Gram matrix),
-
-while a projection only changes one coefficient, c_ij ← c_ij − (c_i · G[:, j]) / G_jj. So the
-whole method reduces to T×T arithmetic (:func:`pcgrad_weights`):
-
-    Σ_i g_i^PC = Σ_j w_j g_j,      w = Σ_i c_i.
-
-That is what makes a sharded version possible: each rank holds a slice of every g_j, adds up its
-slice's part of G (:func:`gram_matrix`), all-reduces the T×T matrix, derives the same w from the
-same seeded order, and combines its own slice (:func:`combine_gradients`).
+Each task gradient is projected onto the normal plane of every conflicting other one, in a random
+order: g_i^PC ← g_i^PC − (g_i^PC · g_j / ‖g_j‖²) g_j if g_i^PC · g_j < 0; the update is Σ_i g_i^PC.
+That sum equals Σ_j w_j g_j with weights w from the T×T Gram matrix G_ij = g_i · g_j alone
+(:func:`pcgrad_weights`), which is what lets ZeRO shard it. Derivation: docs/pcgrad.md.
 """
 from __future__ import annotations
 
