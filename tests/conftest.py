@@ -4,10 +4,17 @@ TRITON_INTERPRET must be set before any module defining ``@triton.jit`` kernels 
 so it is set here, first. The default kernel backend for the suite is the torch reference
 (model-level tests stay fast); kernel tests ask for the Triton path with the
 ``triton_backend`` fixture, which uses the interpreter on CPU and the real compiler on CUDA.
+
+MKL_CBWR=AUTO,STRICT (before torch loads MKL): by default MKL may pick a code path by the
+alignment of each buffer, so the same matmul on a copy of the same weights can differ in the last
+bit, and where buffers land depends on what else the process allocated (installed packages,
+test order). Tests that compare two computations bit for bit (SMART's teacher pass, the golden
+per-step losses) need MKL's conditional numerical reproducibility, alignment-independent.
 """
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 os.environ.setdefault("MINBERT_KERNEL_BACKEND", "reference")
 
 import pathlib  # noqa: E402
