@@ -15,7 +15,7 @@ Python and launch overhead. This script reports, per call and side by side:
   ``MINBERT_HBM_GBPS``) and against a measured device-to-device copy; for attention, TFLOP/s.
 
 ``--sweep`` also times the perturbation-step kernel and the attention forward over a grid of block
-shapes and warp counts (the numbers behind the defaults in kernels/smart.py and
+shapes and warp counts (the numbers behind the defaults in kernels/smart_perturb.py and
 kernels/attention.py).
 """
 import argparse
@@ -100,7 +100,9 @@ def measured_copy_gbps():
 # ----------------------------------------------------------------------------- SMART kernels
 
 def smart(sweep):
-    smart_mod = importlib.import_module("minbert.kernels.smart")
+    perturb_mod = importlib.import_module("minbert.kernels.smart_perturb")
+    kl_mod = importlib.import_module("minbert.kernels.symmetric_kl")
+    noise_mod = importlib.import_module("minbert.kernels.smart_noise")
     g = torch.Generator(device="cuda").manual_seed(0)
     for shape in [(32, 128, 768), (32, 128, 384)]:
         delta = torch.randn(*shape, generator=g, device="cuda") * 1e-5
@@ -111,39 +113,39 @@ def smart(sweep):
         name = "x".join(map(str, shape))
         for norm in ("inf", "l2"):
             group = f"smart_perturb_step {name} fp32 {norm}"
-            record(group, "triton", lambda: smart_mod.smart_perturb_step(delta, grad, 1e-3, 1e-5, norm=norm), n_bytes)
-            record(group, "triton, token mask", lambda: smart_mod.smart_perturb_step(
+            record(group, "triton", lambda: perturb_mod.smart_perturb_step(delta, grad, 1e-3, 1e-5, norm=norm), n_bytes)
+            record(group, "triton, token mask", lambda: perturb_mod.smart_perturb_step(
                 delta, grad, 1e-3, 1e-5, norm=norm, token_mask=mask), n_bytes + mask.numel())
-            record(group, "triton, per sequence", lambda: smart_mod.smart_perturb_step(
+            record(group, "triton, per sequence", lambda: perturb_mod.smart_perturb_step(
                 delta, grad, 1e-3, 1e-5, norm=norm, norm_level="sequence"), n_bytes + 2 * delta.numel() * 4)
-            record(group, "torch reference", lambda: smart_mod.smart_perturb_step_reference(
+            record(group, "torch reference", lambda: perturb_mod.smart_perturb_step_reference(
                 delta, grad, 1e-3, 1e-5, norm=norm), n_bytes)
         record(f"smart_perturb_step {name} fp32 inf", "torch.add (same bytes)",
                lambda: torch.add(delta, grad, out=out), n_bytes)
         if sweep:
-            real = smart_mod._perturb_blocks
+            real = perturb_mod._perturb_blocks
             H = shape[-1]
             bh = 1 << (H - 1).bit_length()
             for bt in (1, 2, 4, 8, 16):
                 for nw in (1, 2, 4, 8):
                     if bt * bh > 16384 or bt * bh < 32 * nw:
                         continue
-                    smart_mod._perturb_blocks = lambda H, bt=bt, nw=nw: (bt, 1 << (H - 1).bit_length(), nw)
+                    perturb_mod._perturb_blocks = lambda H, bt=bt, nw=nw: (bt, 1 << (H - 1).bit_length(), nw)
                     try:
                         record(f"sweep perturb {name} inf", f"BLOCK_T={bt} warps={nw}",
-                               lambda: smart_mod.smart_perturb_step(delta, grad, 1e-3, 1e-5), n_bytes,
+                               lambda: perturb_mod.smart_perturb_step(delta, grad, 1e-3, 1e-5), n_bytes,
                                block_t=bt, warps=nw)
                     finally:
-                        smart_mod._perturb_blocks = real
+                        perturb_mod._perturb_blocks = real
     for shape in [(32768, 5), (4096, 2)]:
         p = (torch.randn(*shape, generator=g, device="cuda") * 3).requires_grad_(True)
         q = (p.detach() + 1e-3 * torch.randn(*shape, generator=g, device="cuda")).requires_grad_(True)
-        for provider, op in (("triton", smart_mod.symmetric_kl), ("torch reference", smart_mod.symmetric_kl_reference)):
+        for provider, op in (("triton", kl_mod.symmetric_kl), ("torch reference", kl_mod.symmetric_kl_reference)):
             record(f"symmetric_kl fwd+bwd {shape[0]}x{shape[1]} fp32", provider,
                    lambda: torch.autograd.grad(op(p, q), (p, q)), 6 * p.numel() * 4)
     shape = (32, 128, 768)
-    for provider, fn in (("triton", lambda: smart_mod.smart_noise(shape, 1e-5, 1234, device="cuda")),
-                         ("torch reference (same Philox)", lambda: smart_mod.smart_noise_reference(
+    for provider, fn in (("triton", lambda: noise_mod.smart_noise(shape, 1e-5, 1234, device="cuda")),
+                         ("torch reference (same Philox)", lambda: noise_mod.smart_noise_reference(
                              shape, 1e-5, 1234, device="cuda")),
                          ("torch.randn (other numbers)", lambda: torch.randn(shape, device="cuda") * 1e-5)):
         record("smart_noise 32x128x768 fp32", provider, fn, 4 * math.prod(shape))

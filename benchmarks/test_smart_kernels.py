@@ -1,4 +1,5 @@
-"""SMART kernels (kernels/smart.py): Triton vs the plain-torch references, side by side.
+"""SMART kernels (kernels/smart_perturb.py, symmetric_kl.py, smart_noise.py): Triton vs the plain-torch
+references, side by side.
 
 Run: ``pytest benchmarks/test_smart_kernels.py --benchmark-only`` (add ``-s`` to see the
 bandwidth lines). On a CPU-only machine the Triton provider is skipped (the interpreter would
@@ -22,14 +23,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minbert.kernels.smart import (
-    smart_noise,
-    smart_noise_reference,
-    smart_perturb_step,
-    smart_perturb_step_reference,
-    symmetric_kl,
-    symmetric_kl_reference,
-)
+from minbert.kernels.smart_noise import smart_noise, smart_noise_reference
+from minbert.kernels.smart_perturb import smart_perturb_step, smart_perturb_step_reference
+from minbert.kernels.symmetric_kl import symmetric_kl, symmetric_kl_reference
 
 # HBM peak (GB/s) by device-name substring; MINBERT_HBM_GBPS overrides.
 HBM_PEAK_GBPS = {

@@ -13,6 +13,8 @@ The variable is read at call time, so tests and users can switch paths in one pr
 from __future__ import annotations
 
 import functools
+import math
+import operator
 import os
 from typing import Optional, Sequence
 
@@ -170,10 +172,54 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
 
 def check_nonnegative(op: str, **values: float) -> None:
     """Scalar hyper-parameters that must be >= 0 (and finite)."""
-    import math
-
     for name, value in values.items():
         if value is None:
             continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{op}: argument '{name}' must be a finite number >= 0, got {value!r}")
+
+
+def check_choice(op: str, name: str, value, allowed: Sequence) -> None:
+    """A string option that must be one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{op}: argument '{name}' must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def check_token_mask(op: str, token_mask: Optional[torch.Tensor], B: int, L: int, device: torch.device) -> None:
+    """An optional (B, L) token mask (bool, integer or float 0/1) on ``device``: the other inputs' device,
+    with its index (a tensor's ``.device``, or :func:`canonical_device`)."""
+    if token_mask is None:
+        return
+    check_tensor(token_mask, "token_mask", op, shape=(B, L), dims="(B, L)")
+    if token_mask.is_complex():
+        raise TypeError(f"{op}: argument 'token_mask' must be bool, integer or float 0/1, got dtype {token_mask.dtype}")
+    if token_mask.device != device:
+        raise ValueError(
+            f"{op}: argument 'token_mask' is on {token_mask.device} but the other inputs are on {device}; "
+            "they must match"
+        )
+
+
+def check_number(op: str, name: str, value, lo: float, hi: Optional[float], hi_open: bool) -> float:
+    """A finite Python number in [lo, hi) (``hi_open``), [lo, hi], or >= lo (``hi`` None); returned as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{op}: argument '{name}' must be a finite number, got {value!r}")
+    if value < lo or (hi is not None and (value >= hi if hi_open else value > hi)):
+        bound = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise ValueError(f"{op}: argument '{name}' must be in {bound}, got {value!r}")
+    return float(value)
+
+
+def check_seed(op: str, seed) -> Optional[int]:
+    """None, or an int (anything with ``__index__``, not bool) in [0, 2**63); returned as int."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool):
+        raise TypeError(f"{op}: argument 'seed' must be an int or None, got {seed!r}")
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"{op}: argument 'seed' must be an int or None, got {type(seed).__name__}") from None
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"{op}: argument 'seed' must be in [0, 2**63), got {seed}")
+    return seed

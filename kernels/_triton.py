@@ -1,5 +1,6 @@
 """What every kernel file shares: Triton itself (or a stand-in when it is missing), output poisoning,
-and the bf16 helpers for Triton's CPU interpreter.
+the bf16 helpers for Triton's CPU interpreter, and small launch helpers (compute dtype, token masks,
+the launch device).
 
 ``from ._triton import triton, tl`` works without Triton installed: ``@triton.jit`` then leaves the
 function as it is and the kernels are never launched (dispatch runs the torch references).
@@ -40,6 +41,40 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     if poison_enabled():
         return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Compute dtype: float64 stays float64, every other float type computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tl_acc(dtype: torch.dtype):
+    """:func:`acc_dtype` as a Triton dtype (a kernel's ``ACC`` constexpr)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def token_mask_u8(token_mask, n_tokens: int, device) -> torch.Tensor:
+    """(B, L) token mask as a flat (B*L,) uint8 tensor of 0/1 (True / non-zero = real token); without a
+    mask a 1-element placeholder that a kernel compiled with ``HAS_MASK=False`` never reads."""
+    if token_mask is None:
+        return torch.empty(1, dtype=torch.uint8, device=device)
+    m = token_mask if token_mask.dtype == torch.bool else token_mask != 0
+    return m.reshape(n_tokens).contiguous().view(torch.uint8)
+
+
+class device_ctx:
+    """Launch on the tensors' GPU (Triton uses the current device)."""
+
+    def __init__(self, device: torch.device):
+        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
 
 
 # Triton's CPU interpreter mishandles bfloat16: ``tl.dot`` on bf16 operands returns garbage and

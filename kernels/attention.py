@@ -1,66 +1,32 @@
-"""Fused bidirectional attention for BERT: padding-aware, with attention-probability dropout.
+"""Fused bidirectional attention for BERT: padding-aware, with dropout on the attention probabilities.
 
-Forward (FlashAttention-style online softmax, Dao et al. 2022, Alg. 1; FlashAttention-2 loop order)::
+    O = dropout_p( softmax(softmax_scale · Q K^T + M) ) V,     M_ij = -inf where key j is padding
 
-    S = softmax_scale * Q K^T                         # (B, H, L, L), never materialised
-    S_ij = -inf  where key j is padding               # key_padding_mask[b, j] == 0
-    P = softmax(S, dim=-1)                            # a row with no real key: P_i = 0
-    P~ = P * Z / (1 - p),  Z_ij ~ Bernoulli(1 - p)    # inverted dropout on the probabilities
-    O = P~ V
-
-For each query block the kernel walks the key blocks that hold at least one real token (key
-blocks made only of padding are skipped, not masked), keeping a running row maximum ``m``, a
-running denominator ``l`` and an fp32 accumulator; ``O = acc / l`` at the end and the row's
-log-sum-exp ``LSE = m + log l`` is saved for the backward (in base 2 internally).
-
-Dropout: ``Z_ij = rand(seed, ((b*H + h)*L + i)*L + j) >= p`` with Triton's counter-based Philox
-(``tl.rand``). The backward regenerates ``Z`` from the seed, so nothing of size L x L is stored:
-the saved state is q, k, v, O, LSE (B, H, L), the seed, and a per-(batch, key block) table of the
-blocks holding real keys (B, ceil(L / BLOCK_N)).
-
-Backward (FlashAttention-2 backward with dropout)::
-
-    dV = P~^T dO
-    dP = (dO V^T) * Z / (1 - p)                       # gradient w.r.t. the undropped P
-    Delta_i = rowsum(dO_i * O_i)                      # = sum_j P_ij dP_ij, since O = P~ V
-    dS = P * (dP - Delta)
-    dQ = softmax_scale * dS K,    dK = softmax_scale * dS^T Q
-
-The backward is deterministic (no atomics): a preprocess kernel computes Delta, one kernel owns a
-key block and loops over query blocks (dK, dV), one kernel owns a query block and loops over key
-blocks (dQ). Two runs give bitwise identical gradients.
+computed FlashAttention-style: an online softmax over the key blocks that hold real tokens, nothing
+of size L x L stored, the dropout mask regenerated from counter-based Philox in the backward
+(counter layout in ``attention_dropout.py``). The backward is FlashAttention-2's, deterministic
+(no atomics). docs/attention.md has the derivation of the forward, the backward and the dropout.
 
 Limits: head dims 16, 32, 64, 128; fp32 / fp16 / bf16 (fp32 accumulation; fp32 dots are IEEE
-unless ``torch.backends.cuda.matmul.allow_tf32`` is on); any L >= 1. Dropout offsets switch to
-int64 arithmetic when ``B*H*L*L >= 2**31`` (the random stream is identical either way).
+unless ``torch.backends.cuda.matmul.allow_tf32`` is on); any L >= 1.
 """
 from __future__ import annotations
 
 import math
-import operator
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._dispatch import (
-    backend,
-    check_same_device,
-    check_same_dtype,
-    check_tensor,
-    interpreter_on,
-    triton_available,
-    use_triton,
-)
-
+from ._dispatch import check_number, check_same_device, check_same_dtype, check_seed, check_tensor, use_triton
 from ._triton import POISON_ENV, new_output as _new_output, tl, triton  # noqa: F401
-from ._triton import cast, dot, interp_bf16  # bf16 under the interpreter
+from ._triton import cast, device_ctx, dot, interp_bf16  # bf16 under the interpreter
+from .attention_dropout import attention_dropout_mask, needs_int64_counters
 
 OP = "attention"
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_SEED_LIMIT = 2**63
 _LOG2E = 1.4426950408889634
 
 
@@ -324,28 +290,9 @@ def _attn_bwd_dq_kernel(
              cast(dq, DQ_ptr.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(
-    Keep_ptr, L, p_drop, seed,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET_64: tl.constexpr,
-):
-    """Materialise Z (B, H, L, L) with exactly the counters and comparison the attention kernels use."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_bh = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if OFFSET_64:
-        row_base = (pid_bh.to(tl.int64) * L + offs_m) * L
-    else:
-        row_base = (pid_bh * L + offs_m) * L
-    counter = row_base[:, None] + offs_n[None, :]
-    keep = tl.rand(seed, counter) >= p_drop
-    tl.store(Keep_ptr + counter, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < L))
-
 
 # --------------------------------------------------------------------------------------------
-# Host launchers
+# Launchers
 # --------------------------------------------------------------------------------------------
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
@@ -379,25 +326,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
-
-
-def _offset_64(B: int, H: int, L: int) -> bool:
-    return B * H * L * L >= 2**31
-
-
-class _device_ctx:
-    """Launch on the tensors' GPU (Triton uses the current device)."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
 
 
 def _key_block_table(key_mask: torch.Tensor, block_n: int):
@@ -434,14 +362,14 @@ def _attn_fwd(q, k, v, key_mask, dropout_p: float, softmax_scale: float, seed: i
         mask_arg, mask_strides, table_stride = q, (0, 0), 0  # placeholders, never read
     has_dropout = dropout_p > 0.0
     grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
-    with _device_ctx(q.device):
+    with device_ctx(q.device):
         _attn_fwd_kernel[grid](
             q, k, v, mask_arg, table if has_mask else q, count if has_mask else q, o, lse,
             *_strides(q), *_strides(k), *_strides(v), *_strides(o),
             *mask_strides, table_stride,
             H, L, softmax_scale * _LOG2E, float(dropout_p), 1.0 / (1.0 - dropout_p), int(seed),
             HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-            HAS_MASK=has_mask, HAS_DROPOUT=has_dropout, OFFSET_64=_offset_64(B, H, L),
+            HAS_MASK=has_mask, HAS_DROPOUT=has_dropout, OFFSET_64=needs_int64_counters(B, H, L),
             DOT_PRECISION=_dot_precision(q.dtype), INTERP_BF16=interp_bf16(q),
             num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"],
         )
@@ -461,11 +389,11 @@ def _attn_bwd(do, q, k, v, o, lse, key_mask, live, table, count, dropout_p: floa
     mask_strides = _strides(key_mask) if has_mask else (0, 0)
     has_dropout = dropout_p > 0.0
     common = dict(
-        HEAD_DIM=D, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout, OFFSET_64=_offset_64(B, H, L),
+        HEAD_DIM=D, HAS_MASK=has_mask, HAS_DROPOUT=has_dropout, OFFSET_64=needs_int64_counters(B, H, L),
         DOT_PRECISION=_dot_precision(q.dtype), INTERP_BF16=interp_bf16(q), num_warps=cfg["bwd_warps"], num_stages=cfg["bwd_stages"],
     )
     scalars = (H, L, softmax_scale, softmax_scale * _LOG2E, float(dropout_p), 1.0 / (1.0 - dropout_p), int(seed))
-    with _device_ctx(q.device):
+    with device_ctx(q.device):
         bm = cfg["BWD_BLOCK_M"]
         _attn_bwd_preprocess_kernel[(triton.cdiv(L, bm), B * H)](
             o, do, delta, *_strides(o), *_strides(do), H, L, HEAD_DIM=D, BLOCK_M=bm,
@@ -484,62 +412,6 @@ def _attn_bwd(do, q, k, v, o, lse, key_mask, live, table, count, dropout_p: floa
         )
     return dq, dk, dv
 
-
-def _dropout_mask_triton(seed: int, shape: Tuple[int, int, int, int], p: float, device) -> torch.Tensor:
-    """The kernels' keep-mask Z, computed by a Triton kernel that shares their counters."""
-    B, H, L, _ = shape
-    keep = _new_output(shape, torch.int8, device)
-    if keep.numel() == 0:
-        return keep == 1
-    block = 64
-    grid = (triton.cdiv(L, block), triton.cdiv(L, block), B * H)
-    with _device_ctx(torch.device(device)):
-        _dropout_mask_kernel[grid](keep, L, float(p), int(seed), BLOCK_M=block, BLOCK_N=block,
-                                   OFFSET_64=_offset_64(B, H, L))
-    return keep == 1
-
-
-# Philox4x32-10 constants (Salmon et al., SC'11), as in triton.language.random
-_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
-_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
-_PHILOX_ROUNDS = 10
-_U32 = 0xFFFFFFFF
-
-
-def _mul_u32(a: int, x: torch.Tensor):
-    """(hi, lo) 32-bit halves of a * x for a constant a < 2**32 and int64 x in [0, 2**32), without overflow."""
-    x_hi, x_lo = x >> 16, x & 0xFFFF
-    t_hi, t_lo = a * x_hi, a * x_lo  # each < 2**48
-    mid = t_hi + (t_lo >> 16)  # = (a * x) >> 16
-    return mid >> 16, (((mid & 0xFFFF) << 16) | (t_lo & 0xFFFF)) & _U32
-
-
-def _dropout_mask_torch(seed: int, shape: Tuple[int, int, int, int], p: float, device) -> torch.Tensor:
-    """Bit-exact torch replica of ``tl.rand(seed, counter) >= p`` (Philox4x32-10, first output word,
-    Triton's uint -> [0, 1) float map). Works without Triton; processed in chunks to bound memory."""
-    B, H, L, _ = shape
-    total = B * H * L * L
-    device = torch.device(device)
-    out = torch.empty(total, dtype=torch.bool, device=device)
-    p32 = torch.tensor(p, dtype=torch.float32, device=device)
-    scale = torch.tensor(4.6566127342e-10, dtype=torch.float32, device=device)
-    chunk = 1 << 22
-    for start in range(0, total, chunk):
-        counter = torch.arange(start, min(total, start + chunk), dtype=torch.int64, device=device)
-        c0, c1 = counter & _U32, counter >> 32
-        c2 = torch.zeros_like(c0)
-        c3 = torch.zeros_like(c0)
-        k0, k1 = seed & _U32, (seed >> 32) & _U32
-        for _ in range(_PHILOX_ROUNDS):
-            hi_b, lo_b = _mul_u32(_PHILOX_ROUND_B, c2)
-            hi_a, lo_a = _mul_u32(_PHILOX_ROUND_A, c0)
-            c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-            k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
-        x = torch.where(c0 >= 2**31, c0 - 2**32, c0)  # bitcast to int32
-        x = torch.where(x < 0, -x - 1, x)  # ~x
-        u = x.to(torch.float32) * scale
-        out[start:start + counter.numel()] = u >= p32
-    return out.view(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,31 +435,8 @@ class _AttentionFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# Validation
+# Public functional
 # --------------------------------------------------------------------------------------------
-def _check_number(op: str, name: str, value, lo: float, hi: Optional[float], hi_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{op}: argument '{name}' must be a finite number, got {value!r}")
-    if value < lo or (hi is not None and (value >= hi if hi_open else value > hi)):
-        bound = f"[{lo}, {hi})" if hi is not None else f">= {lo}"
-        raise ValueError(f"{op}: argument '{name}' must be in {bound}, got {value!r}")
-    return float(value)
-
-
-def _check_seed(op: str, seed) -> Optional[int]:
-    if seed is None:
-        return None
-    if isinstance(seed, bool):
-        raise TypeError(f"{op}: argument 'seed' must be an int or None, got {seed!r}")
-    try:
-        seed = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"{op}: argument 'seed' must be an int or None, got {type(seed).__name__}") from None
-    if not 0 <= seed < _SEED_LIMIT:
-        raise ValueError(f"{op}: argument 'seed' must be in [0, 2**63), got {seed}")
-    return seed
-
-
 def _check_inputs(op, q, k, v, key_padding_mask, dropout_p, softmax_scale, seed):
     """Common validation; returns (dropout_p, softmax_scale, seed) normalised."""
     dims = "(B, H, L, D)"
@@ -606,14 +455,14 @@ def _check_inputs(op, q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
                 f"{op}: argument 'key_padding_mask' must be bool or integer (1/True = real token), "
                 f"got dtype {key_padding_mask.dtype}"
             )
-    dropout_p = _check_number(op, "dropout_p", dropout_p, 0.0, 1.0, hi_open=True)
+    dropout_p = check_number(op, "dropout_p", dropout_p, 0.0, 1.0, hi_open=True)
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     else:
-        softmax_scale = _check_number(op, "softmax_scale", softmax_scale, 0.0, None, hi_open=False)
+        softmax_scale = check_number(op, "softmax_scale", softmax_scale, 0.0, None, hi_open=False)
         if softmax_scale == 0.0:
             raise ValueError(f"{op}: argument 'softmax_scale' must be > 0, got {softmax_scale!r}")
-    return dropout_p, softmax_scale, _check_seed(op, seed)
+    return dropout_p, softmax_scale, check_seed(op, seed)
 
 
 def _check_kernel_inputs(op, q):
@@ -641,9 +490,6 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-# --------------------------------------------------------------------------------------------
-# Public functionals
-# --------------------------------------------------------------------------------------------
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -656,13 +502,16 @@ def attention(
     """Bidirectional attention ``softmax(scale * Q K^T + mask) V`` with inverted dropout on the probabilities.
 
     Args:
-        q, k, v: (B, H, L, D) floating tensors on one device, one dtype.
-        key_padding_mask: optional (B, L) bool or 0/1 integer tensor, True/1 = real token. Padded keys
-            get zero weight; a query whose keys are all padded returns zeros (and zero gradients).
-        dropout_p: dropout probability in [0, 1); kept probabilities are scaled by 1 / (1 - p).
-        softmax_scale: defaults to 1 / sqrt(D).
-        seed: Philox seed of the dropout mask (keyed by (seed, b, h, i, j)); drawn from torch's
-            default CPU generator when None and dropout_p > 0.
+        q, k, v: (B, H, L, D) floating tensors on one device (CPU or CUDA), one dtype. The kernel
+            takes float32 / float16 / bfloat16 with D in (16, 32, 64, 128); any strides.
+        key_padding_mask: optional (B, L) bool or 0/1 integer tensor on q's device, True/1 = real
+            token. Padded keys get zero weight; a query whose keys are all padded returns zeros
+            (and zero gradients).
+        dropout_p: Python float in [0, 1); kept probabilities are scaled by 1 / (1 - p).
+        softmax_scale: Python float > 0; defaults to 1 / sqrt(D).
+        seed: Python int in [0, 2**63), the Philox key of the dropout mask (counters (b, h, i, j),
+            see :func:`attention_dropout_mask`); drawn from torch's default CPU generator when None
+            and dropout_p > 0.
 
     Returns:
         (B, H, L, D) tensor of q's dtype. Runs the Triton kernel on CUDA (or on CPU under
@@ -678,34 +527,6 @@ def attention(
         return attention_reference(q, k, v, key_padding_mask, 0.0, softmax_scale)
     return _AttentionFunction.apply(q, k, v, _as_byte_mask(key_padding_mask), dropout_p, softmax_scale,
                                     0 if seed is None else seed)
-
-
-def attention_dropout_mask(
-    seed: int,
-    shape: Sequence[int],
-    p: float,
-    device: Optional[torch.device] = None,
-) -> torch.Tensor:
-    """The kernels' dropout keep-mask Z (B, H, L, L) bool for ``seed`` and probability ``p``.
-
-    ``Z[b, h, i, j] = tl.rand(seed, ((b*H + h)*L + i)*L + j) >= p``. Computed by a small Triton
-    kernel when Triton can run on ``device`` (CUDA, or CPU under the interpreter), otherwise by a
-    bit-exact torch replica of Triton's Philox; both give identical masks.
-    """
-    op = "attention_dropout_mask"
-    seed = _check_seed(op, seed)
-    if seed is None:
-        raise TypeError(f"{op}: argument 'seed' must be an int, got None")
-    p = _check_number(op, "p", p, 0.0, 1.0, hi_open=True)
-    shape = tuple(shape)
-    if len(shape) != 4 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in shape) \
-            or shape[2] != shape[3]:
-        raise ValueError(f"{op}: argument 'shape' must be (B, H, L, L) of non-negative ints, got {shape}")
-    device = torch.device("cpu" if device is None else device)
-    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_on()))
-    if runnable and backend() != "reference":
-        return _dropout_mask_triton(seed, shape, p, device)
-    return _dropout_mask_torch(seed, shape, p, device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,41 +19,11 @@ Multi-adapter form (one adapter per task, tasks mixed in one batch): A (T, r, in
 and an adapter id per row; row i uses A[id_i], B[id_i], and id -1 means "base layer only".
 Equations (1)-(4) hold per adapter, with (3)/(4) summed over that adapter's rows only.
 
-What is fused, and why
-----------------------
-* Forward, one kernel (``_lora_fwd_kernel``), one program per (row block, output tile): the
-  K loop loads each X tile once and feeds it to two tensor-core dots, X W^T into the (BM, BN)
-  accumulator and X A^T into a (BM, R_PAD) low-rank accumulator (r padded to a power of two
-  >= 16, the smallest ``tl.dot`` shape). The epilogue adds s (X A^T) B^T and the bias before the
-  only store of Y. Unfused LoRA reads X twice, writes and re-reads X A^T, writes and re-reads
-  the low-rank product and launches 3 matmuls plus an add; here the LoRA work rides on loads
-  the base matmul makes anyway, and costs r_pad/BN extra MMA work per tile. The program whose
-  output tile is the first one also stores X A^T (N, r, fp32: tiny) for equation (4).
-* Backward dX, one kernel (``_lora_bwd_dx_kernel``): the same scheme with the roles swapped.
-  The loop over the ``out`` dimension loads each dY tile once for dY W and dY B; the epilogue
-  adds s G A. The first input-feature tile stores G (N, r) for equation (3). When X needs no
-  gradient but A does, the kernel runs with ``COMPUTE_DX=False`` and only produces G.
-* Backward dA and dB (``_lora_bwd_ab_kernel``, launched twice): both are "skinny" products
-  s P^T Q with a long reduction over rows (P = G, Q = X for dA; P = XA, Q = dY for dB^T). They
-  are not fused into the dX kernel because that would need atomics (non-deterministic
-  gradients) and an extra read of X there. Instead each program owns a (r, BLOCK_D) output tile
-  of one adapter and a strided share (split-K) of that adapter's row blocks, writes an fp32
-  partial, and one torch reduction sums the partials: deterministic, and enough programs to fill
-  the GPU even though the output is only r x in.
-* dW / db (frozen in LoRA; only computed when ``weight.requires_grad`` / ``bias.requires_grad``)
-  are a plain dense matmul / row sum, done with torch (cuBLAS already saturates this shape).
-* When neither A nor B requires grad (e.g. SMART's inner step, which only needs dX), the
-  backward runs the dX kernel alone: no G, no XA store, no dA/dB launches.
-
-Multi-adapter rows: segment layout (as in Punica's SGMV / S-LoRA), chosen over looping over the
-adapters present in each row block. Rows are grouped by adapter id on the device (stable
-argsort, no host sync beyond the one range check) and each group is padded to whole row
-blocks, so every row block uses exactly one adapter and its A/B tiles are plain 2-D tiles for
-``tl.dot``. The kernels gather X rows through the permutation and scatter Y rows back, so X is
-never copied. Looping over adapters inside a block would cost up to T times the low-rank work
-per block and make A/B tile loads data-dependent; the segment layout costs at most one partly
-empty block per adapter. The layout is cached for the last ``adapter_ids`` tensor seen, so the
-layers of one forward pass share it.
+Kernels: the forward (eq. 1) and dX (eq. 2, also storing G) each run as one kernel that feeds
+every loaded X / dY tile to both the base and the low-rank dot; dA and dB (eq. 3/4) share one
+split-K kernel with a deterministic torch reduction of the partials. Multi-adapter rows are grouped
+by adapter into whole row blocks (segment layout, ``_lora_layout.py``). docs/lora.md explains
+what is fused and why.
 
 All products accumulate in fp32; inputs may be float32, float16 or bfloat16 (float64 and other
 dtypes run the torch reference). For float32, ``tl.dot`` uses TF32 exactly when torch does
@@ -63,7 +33,6 @@ tensors must share one dtype.
 """
 import functools
 import math
-import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -71,7 +40,7 @@ import torch.nn.functional as F
 
 from ._dispatch import (autocast_dtype, autocast_inputs, check_same_device, check_same_dtype, check_tensor,
                         use_triton)
-
+from ._lora_layout import Layout, check_id_range, layout_for, per_row_ids
 from ._triton import POISON_ENV, new_output as _empty, tl, triton  # noqa: F401
 from ._triton import cast as _cast, interp_bf16 as _interp_bf16, mma as _mma  # bf16 under the interpreter
 
@@ -299,7 +268,7 @@ if triton is not None:
 
 
 # --------------------------------------------------------------------------------------------
-# Host side: launch configuration, segment layout, launchers
+# Launchers (launch configuration, strides, the three kernel launches)
 # --------------------------------------------------------------------------------------------
 def _r_pad(r: int) -> int:
     return max(16, 1 << (max(r, 1) - 1).bit_length())
@@ -329,60 +298,6 @@ def _split_target(device: torch.device) -> int:
     return 4
 
 
-class _Layout:
-    """Segment layout of rows by adapter id (multi-adapter form).
-
-    rows (num_blocks * BM,) int32: original row index, -1 for padding; each group of rows with the
-    same id starts at a block boundary. block_adapter (num_blocks,) int32: the adapter of each
-    block, -1 = no adapter, -2 = past the end. group_start/group_end (T,) int32: block range of
-    each adapter (for the dA/dB reduction).
-    """
-
-    __slots__ = ("rows", "block_adapter", "group_start", "group_end", "num_blocks", "block_m")
-
-    def __init__(self, ids: torch.Tensor, num_adapters: int, block_m: int):
-        device = ids.device
-        n = ids.numel()
-        groups = num_adapters + 1
-        gid = ids.to(torch.int64) + 1  # (N,) 0 = no adapter, 1..T = adapters
-        counts = torch.zeros(groups, dtype=torch.int64, device=device)
-        counts.scatter_add_(0, gid, torch.ones_like(gid))  # no host sync (unlike bincount on CUDA)
-        nblk = (counts + block_m - 1) // block_m
-        blk_end = torch.cumsum(nblk, 0)
-        blk_start = blk_end - nblk
-        row_start = torch.cumsum(counts, 0) - counts
-        order = torch.argsort(gid, stable=True)  # (N,) rows grouped by adapter, original order kept
-        sorted_gid = gid[order]
-        dest = blk_start[sorted_gid] * block_m + (torch.arange(n, device=device) - row_start[sorted_gid])
-        self.num_blocks = -(-n // block_m) + groups  # upper bound: each group adds <= 1 partial block
-        self.block_m = block_m
-        self.rows = torch.full((self.num_blocks * block_m,), -1, dtype=torch.int32, device=device)
-        self.rows[dest] = order.to(torch.int32)
-        blocks = torch.arange(self.num_blocks, device=device)
-        group_of_block = torch.bucketize(blocks, blk_end, right=True)  # in [0, groups]
-        self.block_adapter = torch.where(group_of_block < groups, group_of_block - 1, -2).to(torch.int32)
-        self.group_start = blk_start[1:].to(torch.int32).contiguous()
-        self.group_end = blk_end[1:].to(torch.int32).contiguous()
-
-
-_LAST_LAYOUT: list = [None]  # (weakref to adapter_ids, version, key, layout): layers of one pass share it
-
-
-def _layout_for(adapter_ids: torch.Tensor, rows_per_id: int, num_adapters: int, block_m: int) -> _Layout:
-    """Segment layout for these ids, reused while the same, unmodified ids tensor comes back
-    (every LoRA layer of one forward pass): the range check's host sync then happens once."""
-    key = (num_adapters, block_m, rows_per_id, adapter_ids.numel(), adapter_ids.device)
-    cached = _LAST_LAYOUT[0]
-    if cached is not None:
-        ref, version, ckey, layout = cached
-        if ref() is adapter_ids and version == adapter_ids._version and ckey == key:
-            return layout
-    _check_id_range(adapter_ids, num_adapters)
-    layout = _Layout(_row_ids(adapter_ids, rows_per_id), num_adapters, block_m)
-    _LAST_LAYOUT[0] = (weakref.ref(adapter_ids), adapter_ids._version, key, layout)
-    return layout
-
-
 def _a3(a: torch.Tensor) -> Tuple[int, int, int]:
     """(stride_t, stride_r, stride_k) of A given as (r, in) or (T, r, in)."""
     return (0,) + tuple(a.stride()) if a.dim() == 2 else tuple(a.stride())
@@ -393,7 +308,7 @@ def _b3(b: torch.Tensor) -> Tuple[int, int, int]:
     return (0,) + tuple(b.stride()) if b.dim() == 2 else tuple(b.stride())
 
 
-def _row_args(layout: Optional[_Layout], x2: torch.Tensor, block_m: int):
+def _row_args(layout: Optional[Layout], x2: torch.Tensor, block_m: int):
     if layout is None:
         dummy = x2.new_empty(0, dtype=torch.int32)
         return dummy, dummy, -(-x2.shape[0] // block_m)
@@ -507,7 +422,7 @@ def _lora_backward_ab(p, q, scaling, layout, num_adapters, out_dtype, transpose_
 
 
 # --------------------------------------------------------------------------------------------
-# Autograd
+# Autograd function
 # --------------------------------------------------------------------------------------------
 class LoRALinearFunction(torch.autograd.Function):
     """Fused LoRA linear; see the module docstring for what each kernel computes."""
@@ -553,7 +468,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# Validation and public functionals
+# Public functional (argument checks first)
 # --------------------------------------------------------------------------------------------
 def _validate(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
     """Check every argument but the id range; return (rows per id: None for a single adapter,
@@ -616,25 +531,6 @@ def _validate(x, weight, bias, lora_a, lora_b, scaling, adapter_ids):
     )
 
 
-def _check_id_range(adapter_ids: torch.Tensor, num_adapters: int) -> None:
-    """Ids must lie in [-1, T) (one host sync)."""
-    if adapter_ids.numel() == 0:
-        return
-    lo, hi = (int(v) for v in torch.aminmax(adapter_ids))
-    if lo < -1 or hi >= num_adapters:
-        raise ValueError(
-            f"{OP}: argument 'adapter_ids' must lie in [-1, {num_adapters}) for T={num_adapters} adapters "
-            f"(-1 = no adapter), got values in [{lo}, {hi}]"
-        )
-
-
-def _row_ids(adapter_ids: torch.Tensor, rows_per_id: int) -> torch.Tensor:
-    """(N,) int64 id per row of x flattened to (N, in); per-sequence ids repeat over each sequence."""
-    if rows_per_id != 1:
-        adapter_ids = adapter_ids[:, None].expand(-1, rows_per_id).reshape(-1)
-    return adapter_ids.to(torch.int64)
-
-
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -647,13 +543,14 @@ def lora_linear(
     """LoRA linear layer ``y = x W^T + b + scaling * (x A^T) B^T`` with fused Triton kernels.
 
     Args:
-        x: (..., in) input.
+        x: (..., in) floating input, CPU or CUDA (the kernels take float32 / float16 / bfloat16).
+            Without autocast every floating argument below shares x's dtype, and all share its device.
         weight: (out, in) base weight, usually frozen. dW is computed only if it requires grad.
         bias: (out,) or None. db is computed only if it requires grad.
         lora_a: (r, in) (peft's ``lora_A.weight``), or (T, r, in) for T adapters.
         lora_b: (out, r) (peft's ``lora_B.weight``), or (T, out, r).
-        scaling: alpha / r, a finite float >= 0.
-        adapter_ids: only with the (T, ...) form, int64 or int32, values in [-1, T), -1 = base
+        scaling: alpha / r, a finite Python float >= 0.
+        adapter_ids: only with the (T, ...) form, int64 or int32 on x's device, values in [-1, T), -1 = base
             layer only for that row. Shape rule: (N,) gives one id per row of x flattened to
             (N, in) = x.reshape(-1, in); or, when x has >= 3 dims, (x.shape[0],) gives one id per
             sequence, expanded to all rows of x[i]. (If both readings fit, i.e. x.shape[0] == N,
@@ -676,17 +573,20 @@ def lora_linear(
         return _reference(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, rows_per_id, num_adapters)
     layout = None
     if rows_per_id is not None:
-        layout = _layout_for(adapter_ids, rows_per_id, num_adapters, _config(x.device, x.dtype)["BLOCK_M"])
+        layout = layout_for(adapter_ids, rows_per_id, num_adapters, _config(x.device, x.dtype)["BLOCK_M"])
     return LoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scaling), adapter_ids, layout,
                                     torch.is_grad_enabled())
 
 
+# --------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------
 def _reference(x, weight, bias, lora_a, lora_b, scaling, adapter_ids, rows_per_id, num_adapters):
     y = F.linear(x, weight, bias)  # (..., out)
     if rows_per_id is None:
         return y + scaling * F.linear(F.linear(x, lora_a), lora_b)
-    _check_id_range(adapter_ids, num_adapters)
-    row_ids = _row_ids(adapter_ids, rows_per_id)  # (N,)
+    check_id_range(adapter_ids, num_adapters)
+    row_ids = per_row_ids(adapter_ids, rows_per_id)  # (N,)
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     delta = torch.zeros(x2.shape[0], weight.shape[0], dtype=y.dtype, device=y.device)  # (N, out)
     for t in range(num_adapters):

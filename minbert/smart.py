@@ -25,10 +25,10 @@ embedding dropout (and, for k > 0, its dropout in the layers below k) -- and δ_
 of it. ℓ_s is
 
 * classification: the symmetric KL between the softmax distributions,
-  ℓ_s(P, Q) = KL(P‖Q) + KL(Q‖P) (:func:`minbert.kernels.smart.symmetric_kl`, stable when a probability
+  ℓ_s(P, Q) = KL(P‖Q) + KL(Q‖P) (:func:`minbert.kernels.symmetric_kl.symmetric_kl`, stable when a probability
   underflows);
 * binary (Quora, one logit z): the same on the two-class logits [0, z]
-  (:func:`minbert.kernels.smart.binary_to_two_class_logits`), i.e. the Bernoulli symmetric KL;
+  (:func:`minbert.kernels.symmetric_kl.binary_to_two_class_logits`), i.e. the Bernoulli symmetric KL;
 * regression (STS): the squared error ℓ_s(p, q) = (p - q)².
 
 The inner max (paper, Algorithm 1) is approximated by K ascent steps from δ₀ ~ N(0, σ²I):
@@ -37,7 +37,7 @@ The inner max (paper, Algorithm 1) is approximated by K ascent steps from δ₀ 
 
     g_k = ∇_δ\, ℓ_s\big(f(x + δ_k; θ),\ \mathrm{sg}[f(x; θ)]\big)
 
-    δ_{k+1} = \mathrm{update}(δ_k, g_k)        (the ``rule`` below, :func:`minbert.kernels.smart.smart_perturb_step`)
+    δ_{k+1} = \mathrm{update}(δ_k, g_k)        (the ``rule`` below, :func:`minbert.kernels.smart_perturb.smart_perturb_step`)
 
 and then R_s is evaluated at δ_K **with gradients to θ through both arguments** of ℓ_s (the
 perturbed output and the clean output, as the paper's R_s(θ) is written; δ_K itself is a
@@ -109,7 +109,7 @@ Non-finite values: if the δ-gradient or the ascent loss is NaN/Inf, or R_s / D_
 is skipped for the step (a zero with no graph is returned), counted in :meth:`SMART.stats`, and
 nothing is raised; the weights are never touched by it.
 
-δ₀ and R3F's noise come from :func:`minbert.kernels.smart.smart_noise` (in-kernel Philox) when the
+δ₀ and R3F's noise come from :func:`minbert.kernels.smart_noise.smart_noise` (in-kernel Philox) when the
 Triton path is taken (CUDA, or the CPU interpreter). On the CPU reference path they come from a
 ``torch.Generator`` seeded with the same per-call seed (the reference Philox in plain torch is
 far too slow for a training step there). Seeds derive from the run's seed, the task name and a
@@ -129,6 +129,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import types
 import warnings
 import zlib
 from typing import Any, Dict, List, Optional
@@ -151,9 +152,14 @@ _MASK64 = (1 << 64) - 1
 
 
 def _kernels():
-    import minbert.kernels.smart as kernels  # looked up at call time (tests may patch its functions)
+    """The SMART kernel functions, looked up in their modules at call time (tests may patch them)."""
+    import minbert.kernels.smart_noise as noise
+    import minbert.kernels.smart_perturb as perturb
+    import minbert.kernels.symmetric_kl as skl
 
-    return kernels
+    return types.SimpleNamespace(smart_noise=noise.smart_noise, smart_perturb_step=perturb.smart_perturb_step,
+                                 symmetric_kl=skl.symmetric_kl,
+                                 binary_to_two_class_logits=skl.binary_to_two_class_logits)
 
 
 def _splitmix64(x: int) -> int:

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from minbert.kernels import _dispatch
-from minbert.kernels.attention import attention, attention_dropout_mask, attention_reference
+from minbert.kernels.attention import attention, attention_reference
+from minbert.kernels.attention_dropout import attention_dropout_mask
 
 attn_mod = importlib.import_module("minbert.kernels.attention")
+dropout_mod = importlib.import_module("minbert.kernels.attention_dropout")
 
 FLOOR = 1e-6  # relative to the reference's magnitude
 
@@ -199,22 +201,6 @@ def test_seed_none_follows_torch_manual_seed(triton_backend, device):
     assert not torch.equal(a, b)
 
 
-def test_dropout_masks_differ_by_seed_and_keep_rate():
-    shape = (2, 3, 130, 130)
-    n = math.prod(shape)
-    for p in (0.1, 0.5):
-        m1 = attention_dropout_mask(1, shape, p)
-        m2 = attention_dropout_mask(2, shape, p)
-        assert m1.dtype == torch.bool and m1.shape == shape
-        assert not torch.equal(m1, m2)
-        assert (m1 != m2).float().mean().item() > 0.5 * 2 * p * (1 - p)  # independent masks disagree often
-        sigma = math.sqrt(p * (1 - p) / n)
-        for m in (m1, m2):
-            assert abs(m.float().mean().item() - (1 - p)) < 5 * sigma
-    assert torch.equal(attention_dropout_mask(3, shape, 0.1), attention_dropout_mask(3, shape, 0.1))
-    assert attention_dropout_mask(3, (1, 1, 5, 5), 0.0).all()
-
-
 def test_kernel_dropout_equals_mask_helper(triton_backend, device):
     """With Q = K = 0 every kept probability is 1/L, and V = I reads Z out: O = Z / (L (1 - p))."""
     B, H, L, p = 2, 2, 64, 0.3
@@ -226,13 +212,6 @@ def test_kernel_dropout_equals_mask_helper(triton_backend, device):
     assert abs(z.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / z.numel())
 
 
-def test_triton_mask_kernel_matches_torch_philox_replica(triton_backend, device):
-    for seed, shape, p in [(0, (2, 3, 33, 33), 0.1), (2**40 + 7, (1, 2, 70, 70), 0.5), (12345, (1, 1, 1, 1), 0.1)]:
-        a = attn_mod._dropout_mask_triton(seed, shape, p, device)
-        b = attn_mod._dropout_mask_torch(seed, shape, p, device)
-        assert torch.equal(a, b), (seed, shape, p)
-
-
 def test_int64_dropout_counters_give_the_same_stream(triton_backend, device, monkeypatch):
     """B*H*L*L >= 2**31 switches counters to int64; the random stream must not change."""
     gen = torch.Generator().manual_seed(6)
@@ -240,12 +219,14 @@ def test_int64_dropout_counters_give_the_same_stream(triton_backend, device, mon
     mask = _mask("pad", 2, 70, device, gen)
     do = torch.randn(2, 2, 70, 16, generator=gen).to(device)
     narrow = _fwd_bwd(attention, q, k, v, do, key_padding_mask=mask, dropout_p=0.1, seed=31)
-    monkeypatch.setattr(attn_mod, "_offset_64", lambda *a: True)
+    monkeypatch.setattr(attn_mod, "needs_int64_counters", lambda *a: True)
+    monkeypatch.setattr(dropout_mod, "needs_int64_counters", lambda *a: True)
     wide = _fwd_bwd(attention, q, k, v, do, key_padding_mask=mask, dropout_p=0.1, seed=31)
     for a, b in zip(narrow, wide):
         assert torch.equal(a, b)
-    assert torch.equal(attn_mod._dropout_mask_triton(31, (2, 2, 70, 70), 0.1, device),
-                       attention_dropout_mask(31, (2, 2, 70, 70), 0.1, device))
+    wide_mask = dropout_mod._dropout_mask_triton(31, (2, 2, 70, 70), 0.1, device)
+    assert torch.equal(wide_mask, attention_dropout_mask(31, (2, 2, 70, 70), 0.1, device))
+    assert torch.equal(wide_mask, dropout_mod._dropout_mask_torch(31, (2, 2, 70, 70), 0.1, device))
 
 
 def test_poisoned_buffers_are_nan(monkeypatch):
@@ -319,7 +300,7 @@ def test_kernel_only_validation_errors(triton_backend, device):
         attention(*qkv64)
 
 
-def test_reference_and_mask_helper_validation():
+def test_reference_dropout_mask_validation():
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="'dropout_mask' must have shape"):
         attention_reference(q, q, q, dropout_p=0.1, dropout_mask=torch.ones(1, 1, 4, 5, dtype=torch.bool))
@@ -327,9 +308,3 @@ def test_reference_and_mask_helper_validation():
         attention_reference(q, q, q, dropout_p=0.1, dropout_mask=torch.ones(1, 1, 4, 4))
     with pytest.raises(ValueError, match="'dropout_mask' was given but dropout_p is 0"):
         attention_reference(q, q, q, dropout_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match=r"attention_dropout_mask: argument 'shape' must be \(B, H, L, L\)"):
-        attention_dropout_mask(1, (1, 1, 4, 5), 0.1)
-    with pytest.raises(TypeError, match="attention_dropout_mask: argument 'seed' must be an int"):
-        attention_dropout_mask(None, (1, 1, 4, 4), 0.1)
-    with pytest.raises(ValueError, match="attention_dropout_mask: argument 'p' must be in"):
-        attention_dropout_mask(1, (1, 1, 4, 4), 1.5)

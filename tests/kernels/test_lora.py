@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from minbert.kernels import _lora_layout as layout_mod
 from minbert.kernels import lora as lora_mod
 from minbert.kernels.lora import lora_linear, lora_linear_reference
 
@@ -337,7 +338,7 @@ def test_poison_detects_unwritten_rows(triton_backend, device, monkeypatch):
     """The poison check can fail: a layout that drops a row leaves NaN in that row of y."""
     monkeypatch.setenv(lora_mod.POISON_ENV, "1")
     t, ids = _inputs(40, 37, 37, 4, adapters=3, device=device)
-    layout = lora_mod._Layout(ids, 3, lora_mod._config(t["x"].device, t["x"].dtype)["BLOCK_M"])
+    layout = layout_mod.Layout(ids, 3, lora_mod._config(t["x"].device, t["x"].dtype)["BLOCK_M"])
     layout.rows[layout.rows == 5] = -1
     y, _ = lora_mod._lora_forward(t["x"].detach(), t["weight"], t["bias"], t["lora_a"].detach(),
                                   t["lora_b"].detach(), SCALING, layout, store_xa=False)
@@ -348,7 +349,7 @@ def test_poison_detects_unwritten_rows(triton_backend, device, monkeypatch):
 @pytest.mark.parametrize("block_m", [4, 32])
 def test_segment_layout(device, block_m):
     ids = torch.tensor([2, -1, 0, 2, 2, -1, 0, 2, 1, 2, 2, 2, 0], device=device)
-    lay = lora_mod._Layout(ids, 4, block_m)  # adapter 3 has no rows
+    lay = layout_mod.Layout(ids, 4, block_m)  # adapter 3 has no rows
     rows = lay.rows.cpu()
     assert sorted(rows[rows >= 0].tolist()) == list(range(len(ids)))  # every row exactly once
     for blk in range(lay.num_blocks):
@@ -386,12 +387,12 @@ def test_layout_cache_reused_and_invalidated(triton_backend, device):
     t, ids = _inputs(40, 37, 16, 4, adapters=3, device=device)
     args = (t["x"], t["weight"], t["bias"], t["lora_a"], t["lora_b"], SCALING)
     lora_linear(*args, ids)
-    first = lora_mod._LAST_LAYOUT[0][3]
+    first = layout_mod._LAST_LAYOUT[0][3]
     lora_linear(*args, ids)
-    assert lora_mod._LAST_LAYOUT[0][3] is first
+    assert layout_mod._LAST_LAYOUT[0][3] is first
     ids[:10] = 1 - ids[:10].clamp(max=1)  # in-place change must not reuse the stale layout
     y = lora_linear(*args, ids)
-    assert lora_mod._LAST_LAYOUT[0][3] is not first
+    assert layout_mod._LAST_LAYOUT[0][3] is not first
     torch.testing.assert_close(y, lora_linear_reference(*args, ids), rtol=1e-5, atol=1e-5)
     ids[3] = 3  # ... nor skip the range check
     with pytest.raises(ValueError, match=r"must lie in \[-1, 3\)"):

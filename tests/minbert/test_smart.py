@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import minbert.kernels.smart as K
+import minbert.kernels.smart_perturb as smart_perturb_mod
+import minbert.kernels.symmetric_kl as symmetric_kl_mod
 from minbert import BertConfig, BertModel, Tokenizer, default_checkpoint
 from minbert import data as data_lib
 from minbert.multitask import MultitaskModel
@@ -65,18 +66,18 @@ def run(reg, model, batch):
 
 
 class Recorder:
-    """Wraps minbert.kernels.smart_perturb_step, keeping every (delta in, grad, delta out)."""
+    """Wraps minbert.kernels.smart_perturb.smart_perturb_step, keeping every (delta in, grad, delta out)."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        real = K.smart_perturb_step
+        real = smart_perturb_mod.smart_perturb_step
 
         def wrapped(delta, grad, *args, **kwargs):
             out = real(delta, grad, *args, **kwargs)
             self.calls.append((delta.detach().clone(), grad.detach().clone(), out.clone(), kwargs))
             return out
 
-        monkeypatch.setattr(K, "smart_perturb_step", wrapped)
+        monkeypatch.setattr(smart_perturb_mod, "smart_perturb_step", wrapped)
 
 
 def token_norms(x, norm):
@@ -412,7 +413,7 @@ def test_r3f_has_no_ascent_step(tokenizer, monkeypatch, distribution):
     def fail(*args, **kwargs):
         raise AssertionError("R3F must not take an ascent step")
 
-    monkeypatch.setattr(K, "smart_perturb_step", fail)
+    monkeypatch.setattr(smart_perturb_mod, "smart_perturb_step", fail)
     model, batch = make_model(), make_batch(tokenizer, "sst")
     reg = SMART(task="sst", mu=0.0, noise="r3f", r3f_distribution=distribution, sigma=0.5)
     noises = []
@@ -433,13 +434,13 @@ def test_r3f_has_no_ascent_step(tokenizer, monkeypatch, distribution):
 # --- the NaN guard -------------------------------------------------------------------------------
 
 def test_nan_delta_gradient_skips_and_counts(tokenizer, monkeypatch):
-    real = K.symmetric_kl
+    real = symmetric_kl_mod.symmetric_kl
 
     def poisoned(p, q, reduction="batchmean"):  # the ascent loss (reduction "sum") becomes NaN
         value = real(p, q, reduction)
         return value * float("nan") if reduction == "sum" else value
 
-    monkeypatch.setattr(K, "symmetric_kl", poisoned)
+    monkeypatch.setattr(symmetric_kl_mod, "symmetric_kl", poisoned)
     rec = Recorder(monkeypatch)
     model, batch = make_model(), make_batch(tokenizer, "sst")
     reg = SMART(task="sst", mu=1.0)
@@ -456,8 +457,8 @@ def test_nan_delta_gradient_skips_and_counts(tokenizer, monkeypatch):
 
 
 def test_non_finite_perturbed_loss_skips_and_counts(tokenizer, monkeypatch):
-    real = K.smart_perturb_step
-    monkeypatch.setattr(K, "smart_perturb_step", lambda *a, **k: real(*a, **k) * float("inf"))
+    real = smart_perturb_mod.smart_perturb_step
+    monkeypatch.setattr(smart_perturb_mod, "smart_perturb_step", lambda *a, **k: real(*a, **k) * float("inf"))
     model, batch = make_model(), make_batch(tokenizer, "sts", "bi")
     reg = SMART(task="sts", kind="regression", mu=0.0)
     _, terms = run(reg, model, batch)
@@ -474,8 +475,8 @@ def _records(run_dir):
 
 
 def test_nan_guard_in_training_keeps_the_weights_finite(tiny_checkpoint, tmp_path, monkeypatch):
-    real = K.symmetric_kl
-    monkeypatch.setattr(K, "symmetric_kl",
+    real = symmetric_kl_mod.symmetric_kl
+    monkeypatch.setattr(symmetric_kl_mod, "symmetric_kl",
                         lambda p, q, reduction="batchmean": real(p, q, reduction) * (float("nan") if reduction == "sum" else 1.0))
     out = tmp_path / "run"
     cfg = load_config(CONFIGS / "smarter.yaml", _overrides(tiny_checkpoint, out, "max_steps=3", "tasks=sst"))
