@@ -39,7 +39,8 @@ from .model import BertModel
 from .multitask import MultitaskModel, predict_from_output
 from .ema import ParameterEMA
 from .regularizers import REGULARIZERS, RegularizerContext, build_regularizers
-from .schedules import build_lr_scheduler, build_task_sampler
+from .lr_schedules import build_lr_scheduler
+from .task_schedules import build_task_sampler
 from .tokenizer import Tokenizer
 from .train_config import ConfigError, TrainConfig
 from .weighting import build_weighting
