@@ -1,8 +1,8 @@
 """Evaluation metrics.
 
-* :func:`accuracy`, :func:`pearson`, :func:`confusion_matrix`; :data:`TASK_METRIC` and
-  :func:`task_metric` pick the metric of each task (accuracy for SST, CFIMDB and Quora, Pearson
-  correlation for STS).
+* :func:`accuracy`, :func:`pearson`, :func:`confusion_matrix`; :func:`task_metric` computes a
+  task's dev metric (:attr:`minbert.tasks.Task.dev_metric`: accuracy for SST, CFIMDB and Quora,
+  Pearson correlation for STS).
 * :func:`overall_score` is the CS224N leaderboard score ``(SST + (STS + 1) / 2 + Quora) / 3``
   (the Pearson correlation is mapped from [-1, 1] to [0, 1]).
 
@@ -17,9 +17,9 @@ from typing import Any, Dict
 
 import numpy as np
 
-__all__ = ["accuracy", "pearson", "overall_score", "confusion_matrix", "TASK_METRIC", "task_metric"]
+from .tasks import get_task, trainable_tasks
 
-TASK_METRIC = {"sst": "accuracy", "cfimdb": "accuracy", "quora": "accuracy", "sts": "pearson"}
+__all__ = ["accuracy", "pearson", "overall_score", "confusion_matrix", "task_metric"]
 
 
 def _as_array(values: Any, name: str, op: str) -> np.ndarray:
@@ -107,10 +107,10 @@ def confusion_matrix(pred: Any, gold: Any, num_classes: int) -> np.ndarray:
 
 
 def task_metric(task: str, preds: Any, labels: Any) -> Dict[str, float]:
-    """``{metric name: value}`` for ``task`` (see :data:`TASK_METRIC`)."""
-    if task not in TASK_METRIC:
-        raise ValueError(f"task_metric: unknown task {task!r}; expected one of {sorted(TASK_METRIC)}")
-    name = TASK_METRIC[task]
+    """``{metric name: value}`` for ``task``, with its dev metric (:attr:`minbert.tasks.Task.dev_metric`)."""
+    if task not in trainable_tasks():
+        raise ValueError(f"task_metric: unknown task {task!r}; expected one of {sorted(trainable_tasks())}")
+    name = get_task(task).dev_metric
     fn = accuracy if name == "accuracy" else pearson
     try:
         return {name: fn(preds, labels)}

@@ -11,8 +11,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .metrics import TASK_METRIC
 from .prediction_files import PathLike, atomic_open
+from .tasks import TASKS
 
 __all__ = ["plot_curves", "plot_confusion"]
 
@@ -42,7 +42,7 @@ def _save_png(plt, fig, path: PathLike) -> Path:
 
 
 def _dev_metric(task: str, record: Dict[str, Any]) -> Optional[str]:
-    preferred = TASK_METRIC.get(task)
+    preferred = TASKS[task].dev_metric if task in TASKS else None
     if preferred is not None and _finite(record.get(preferred)):
         return preferred
     for key in ("accuracy", "pearson"):

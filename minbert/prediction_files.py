@@ -21,20 +21,18 @@ from typing import Any, Dict, Iterator, List, NamedTuple, Sequence, Union
 
 import numpy as np
 
-from .metrics import TASK_METRIC
+from .tasks import TASKS, get_task
 
-__all__ = ["PREDICTION_COLUMNS", "write_predictions", "read_predictions", "Predictions", "append_jsonl",
+__all__ = ["prediction_columns", "write_predictions", "read_predictions", "Predictions", "append_jsonl",
            "read_jsonl", "atomic_open"]
 
 PathLike = Union[str, os.PathLike]
 
-# the header column of the CS224N prediction files ("Similiarity" is the course's spelling)
-PREDICTION_COLUMNS = {
-    "sst": "Predicted_Sentiment",
-    "cfimdb": "Predicted_Sentiment",
-    "quora": "Predicted_Is_Paraphrase",
-    "sts": "Predicted_Similiarity",
-}
+
+def prediction_columns() -> Dict[str, str]:
+    """task -> the header column of its prediction files, for every task that has one
+    (:attr:`minbert.tasks.Task.prediction_column`)."""
+    return {name: task.prediction_column for name, task in TASKS.items() if task.prediction_column}
 
 
 # --- atomic files ------------------------------------------------------------------------------
@@ -73,7 +71,7 @@ def _format_pred(task: str, index: int, value: Any) -> str:
         raise ValueError(f"write_predictions({task!r}): prediction {index} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"write_predictions({task!r}): prediction {index} is {value!r}")
-    if TASK_METRIC[task] == "accuracy":  # class labels are written as ints
+    if not get_task(task).is_regression:  # class labels are written as ints
         if value != int(value):
             raise ValueError(f"write_predictions({task!r}): prediction {index} must be a class label (an integer), "
                              f"got {value!r}")
@@ -85,17 +83,18 @@ def write_predictions(path: PathLike, task: str, ids: Sequence[str], preds: Any)
     """Write a CS224N prediction file (atomically); returns its path.
 
     Format: ``id \\t <column> `` then ``{id} , {pred} `` per line, with the column of the task in
-    :data:`PREDICTION_COLUMNS`. Class predictions (sst, cfimdb, quora) are written as ints,
+    :func:`prediction_columns`. Class predictions (sst, cfimdb, quora) are written as ints,
     similarities (sts) as floats.
     """
-    if task not in PREDICTION_COLUMNS:
-        raise ValueError(f"write_predictions: unknown task {task!r}; expected one of {sorted(PREDICTION_COLUMNS)}")
+    columns = prediction_columns()
+    if task not in columns:
+        raise ValueError(f"write_predictions: unknown task {task!r}; expected one of {sorted(columns)}")
     if hasattr(preds, "detach"):
         preds = preds.detach().cpu().tolist()
     ids, preds = list(ids), list(preds)
     if len(ids) != len(preds):
         raise ValueError(f"write_predictions({task!r}): {len(ids)} ids but {len(preds)} predictions")
-    lines = [f"id \t {PREDICTION_COLUMNS[task]} \n"]
+    lines = [f"id \t {columns[task]} \n"]
     for i, (ex_id, pred) in enumerate(zip(ids, preds)):
         ex_id = str(ex_id)
         if not ex_id or ex_id != ex_id.strip() or any(c in ex_id for c in ",\t\r\n"):
@@ -116,9 +115,10 @@ def read_predictions(path: PathLike) -> Predictions:
     if not lines:
         raise ValueError(f"{path}: empty prediction file (expected a header 'id \\t <column>')")
     head = [h.strip() for h in lines[0].split("\t")]
-    if len(head) != 2 or head[0] != "id" or head[1] not in PREDICTION_COLUMNS.values():
+    columns = set(prediction_columns().values())
+    if len(head) != 2 or head[0] != "id" or head[1] not in columns:
         raise ValueError(f"{path}:1: bad header {lines[0]!r}; expected 'id \\t <column>' with column one of "
-                         f"{sorted(set(PREDICTION_COLUMNS.values()))}")
+                         f"{sorted(columns)}")
     ids, preds = [], []
     for n, line in enumerate(lines[1:], start=2):
         if not line.strip():

@@ -580,7 +580,7 @@ def _weighting_options(cfg: TrainConfig) -> Dict:
     if cfg.weighting.name in ("pcgrad", "gse") and "seed" not in options:
         options["seed"] = cfg.seed
     if cfg.weighting.name in ("uncertainty", "dev_score") and "task_kinds" not in options:
-        options["task_kinds"] = {t.name: ("regression" if t.kind == "regression" else "classification") for t in cfg.tasks}
+        options["task_kinds"] = {t.name: t.kind for t in cfg.tasks}
     return options
 
 

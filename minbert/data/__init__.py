@@ -4,15 +4,11 @@ File format (CS224N minBERT default project). Tab-separated, one record per line
 line naming the columns; the first column is usually an unnamed row index (header ``\\tid\\t...``),
 which is ignored. Fields may be CSV-quoted (``"a ""quoted"" word"``), as pandas writes them.
 
-- ``sst`` (sentiment): ``id, sentence, sentiment``; integer labels 0..4.
-- ``cfimdb`` (sentiment): ``id, sentence, sentiment``; integer labels 0..1.
-- ``quora`` (paraphrase): ``id, sentence1, sentence2, is_duplicate``; 0/1, also written 0.0/1.0 (read as int).
-- ``sts`` (similarity): ``id, sentence1, sentence2, similarity``; float labels in [0, 5].
-- ``nli`` (nli): ``id, sentence1, sentence2, label``; ``entailment``/``neutral``/``contradiction`` (any case)
-  or the digits 0/1/2 in that order; the ``id`` column is optional.
-
-The ``nli`` task is the premise (sentence1) / hypothesis (sentence2) / label file used by supervised
-SimCSE; when it has no ``id`` column, ids are ``"line<N>"``.
+Each task's columns and allowed labels come from its :class:`minbert.tasks.Task` (the table is in
+:mod:`minbert.tasks`); Quora's 0/1 labels may also be written 0.0/1.0 (read as int), NLI's as
+``entailment``/``neutral``/``contradiction`` (any case) or the digits 0/1/2 in that order. The
+``nli`` file is the premise (sentence1) / hypothesis (sentence2) / label file used by supervised
+SimCSE; its ``id`` column is optional, and when it has none, ids are ``"line<N>"``.
 
 Validation. Every data line is checked and the first problem found is reported as a
 :class:`DataError` naming ``file:line: field 'name': ...``. Problems (``reason`` strings, see
@@ -31,17 +27,17 @@ either cross-encoded (one sequence, token types 0/1) or bi-encoded (each sentenc
 tensors). :class:`TaskLoader` samples batches: seeded shuffling per epoch, optional length
 bucketing, resumable position, and sharding over data-parallel ranks.
 
-Modules: :mod:`~minbert.data.spec` (examples and task specifications), :mod:`~minbert.data.files`
+Modules: :mod:`~minbert.data.example` (:class:`Example`), :mod:`~minbert.data.files`
 (reading and validation), :mod:`~minbert.data.sources` (CS224N file names, the hub),
 :mod:`~minbert.data.batch` (collation) and :mod:`~minbert.data.loader` (batch sampling).
 """
 from .batch import Batch, Collator, make_collate
+from .example import Example
 from .files import REASONS, DataError, TaskData, read_task_file
 from .loader import TaskLoader
 from .sources import HUB_SOURCES, cs224n_path, load_hub_task, read_cs224n
-from .spec import TASK_SPECS, Example, TaskSpec, get_task_spec
 
 __all__ = [
-    "Example", "TaskSpec", "TASK_SPECS", "get_task_spec", "DataError", "REASONS", "TaskData", "read_task_file",
-    "cs224n_path", "read_cs224n", "HUB_SOURCES", "load_hub_task", "Batch", "Collator", "make_collate", "TaskLoader",
+    "Example", "DataError", "REASONS", "TaskData", "read_task_file", "cs224n_path", "read_cs224n", "HUB_SOURCES",
+    "load_hub_task", "Batch", "Collator", "make_collate", "TaskLoader",
 ]

@@ -6,7 +6,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .spec import Example, TaskSpec, get_task_spec
+from ..tasks import Task, get_task
+from .example import Example
 
 __all__ = ["Batch", "Collator", "make_collate"]
 
@@ -64,9 +65,9 @@ _ENCODING_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 class Collator:
     """Callable turning a list of :class:`Example` of one task into a :class:`Batch` (picklable)."""
 
-    def __init__(self, tokenizer, task: Union[str, TaskSpec], max_length: int, pair_encoding: str = "cross",
+    def __init__(self, tokenizer, task: Union[str, Task], max_length: int, pair_encoding: str = "cross",
                  symmetric: bool = False, cross_max_length: Optional[int] = None):
-        self.spec = get_task_spec(task)
+        self.spec = get_task(task)
         if symmetric and not self.spec.is_pair:
             raise ValueError(f"make_collate: symmetric needs a pair task, got {self.spec.name!r}")
         self.symmetric = bool(symmetric)
@@ -136,6 +137,15 @@ class Collator:
             swapped = self._plain([replace(ex, text_a=ex.text_b, text_b=ex.text_a) for ex in examples])
         return Batch(task=spec.name, labels=labels, ids=ids, swapped=swapped, **enc, **kw)
 
+    def sentences(self, texts: Sequence[str], ids: Sequence[str]) -> Batch:
+        """An unlabelled :class:`Batch` of this task holding ``texts`` as single sentences (one
+        sequence each, at most ``max_length`` tokens): sentences a regularizer encodes with the
+        task's model besides its examples (supervised SimCSE's hard negatives)."""
+        if len(texts) == 0 or len(texts) != len(ids):
+            raise ValueError(f"collate ({self.spec.name}): sentences needs as many ids as texts (at least one), "
+                             f"got {len(texts)} texts and {len(ids)} ids")
+        return Batch(task=self.spec.name, ids=list(ids), **self._encode(list(texts)))
+
     def _plain(self, examples: Sequence[Example]) -> Batch:
         plain = Collator(self.tokenizer, self.spec, self.max_length,
                          "cross" if self.pair_encoding == "single" else self.pair_encoding,
@@ -143,7 +153,7 @@ class Collator:
         return plain(examples)
 
 
-def make_collate(tokenizer, task: Union[str, TaskSpec], max_length: int, pair_encoding: str = "cross",
+def make_collate(tokenizer, task: Union[str, Task], max_length: int, pair_encoding: str = "cross",
                  symmetric: bool = False, cross_max_length: Optional[int] = None) -> Collator:
     """Collate function for one task: dynamic padding to the longest row, truncation at ``max_length``.
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
-from .spec import Example, TaskSpec, get_task_spec
+from ..tasks import Task, get_task
+from .example import Example
 
 logger = logging.getLogger("minbert.data")
 
@@ -54,7 +55,7 @@ _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _NON_FINITE = re.compile(r"[+-]?(nan|inf|infinity)", re.IGNORECASE)
 
 
-def _parse_label(spec: TaskSpec, raw) -> Union[int, float]:
+def _parse_label(spec: Task, raw) -> Union[int, float]:
     """Validate one label value (a string from a file, or a number from the hub)."""
     col = spec.label_column
     if isinstance(raw, bool) or raw is None:
@@ -93,7 +94,7 @@ def _parse_label(spec: TaskSpec, raw) -> Union[int, float]:
     return int(value)
 
 
-def make_example(spec: TaskSpec, record: Mapping[str, object], labelled: bool, line: int, source: str,
+def make_example(spec: Task, record: Mapping[str, object], labelled: bool, line: int, source: str,
                   fallback_id: str) -> Example:
     """Check one record (column name -> value) and build its Example; raises RowProblem."""
     if spec.id_column in record:
@@ -187,7 +188,7 @@ def accept_row(result: "TaskData", seen: Dict[str, int], line: int, make: Callab
 
 def read_task_file(
     path: Union[str, os.PathLike],
-    task: Union[str, TaskSpec],
+    task: Union[str, Task],
     *,
     bad_rows: str = "error",
     labelled: Optional[bool] = None,
@@ -199,7 +200,7 @@ def read_task_file(
     column when the header has one (``*-test-student.csv`` files have none); ``True`` requires it;
     ``False`` ignores it.
     """
-    spec = get_task_spec(task)
+    spec = get_task(task)
     if bad_rows not in ("error", "skip"):
         raise ValueError(f"read_task_file: bad_rows must be 'error' or 'skip', got {bad_rows!r}")
     path = Path(path)

@@ -9,7 +9,7 @@ import torch
 
 from .batch import Batch
 from .files import TaskData
-from .spec import Example
+from .example import Example
 
 __all__ = ["TaskLoader"]
 

@@ -8,23 +8,23 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 from .files import RowProblem, TaskData, accept_row, make_example, read_task_file
-from .spec import Example, get_task_spec
+from ..tasks import SPLITS, TASKS, get_task
+from .example import Example
 
 logger = logging.getLogger("minbert.data")
 
 __all__ = ["cs224n_path", "read_cs224n", "HUB_SOURCES", "load_hub_task"]
 
-_CS224N_FILES = {"sst": "ids-sst-{}.csv", "cfimdb": "ids-cfimdb-{}.csv", "quora": "quora-{}.csv", "sts": "sts-{}.csv"}
-
-
 def cs224n_path(data_dir: Union[str, os.PathLike], task: str, split: str) -> Path:
-    """Path of a CS224N file: ``split`` is train, dev or test (``test`` -> ``*-test-student.csv``)."""
-    if task not in _CS224N_FILES:
-        raise ValueError(f"no CS224N file name for task {task!r}; known: {', '.join(_CS224N_FILES)}")
-    splits = {"train": "train", "dev": "dev", "test": "test-student", "test-student": "test-student"}
+    """Path of a task's default file (:attr:`minbert.tasks.Task.files`): ``split`` is train, dev or test
+    (``test``, also ``test-student``: CS224N's ``*-test-student.csv``)."""
+    if task not in TASKS or TASKS[task].files is None:
+        raise ValueError(f"no CS224N file name for task {task!r}; "
+                         f"known: {', '.join(n for n, t in TASKS.items() if t.files is not None)}")
+    splits = {"train": "train", "dev": "dev", "test": "test", "test-student": "test"}
     if split not in splits:
         raise ValueError(f"unknown split {split!r}; expected train, dev or test")
-    return Path(data_dir) / _CS224N_FILES[task].format(splits[split])
+    return Path(data_dir) / TASKS[task].files[SPLITS.index(splits[split])]
 
 
 def read_cs224n(data_dir: Union[str, os.PathLike], task: str, split: str, **kwargs) -> TaskData:
@@ -53,7 +53,7 @@ def load_hub_task(task: str, split: str, *, bad_rows: str = "error", cache_dir: 
     split is returned unlabelled. Rows are validated as in :func:`read_task_file`. Raises
     ``RuntimeError`` when ``datasets`` is not installed or the hub cannot be reached.
     """
-    spec = get_task_spec(task)
+    spec = get_task(task)
     if spec.name not in HUB_SOURCES:
         raise ValueError(f"load_hub_task: no hub source for task {spec.name!r} (available: {', '.join(HUB_SOURCES)})")
     if split not in _HUB_SPLITS:

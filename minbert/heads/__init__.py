@@ -32,10 +32,10 @@ from typing import Dict, Optional, Tuple, Type
 
 import torch.nn as nn
 
+from ..tasks import PROBLEM_TYPES
 from .base import (
     FIXED_ARGUMENTS,
     OUTPUT_TRANSFORMS,
-    TASK_KINDS,
     Features,
     Head,
     HybridFeatures,
@@ -81,15 +81,16 @@ def build_head(name: str, hidden_size: int, task_kind: str, *, num_classes: Opti
                shared: Optional[Dict[str, nn.Module]] = None, **options) -> Head:
     """Build head ``name`` (a key of :data:`HEADS`) for hidden size ``hidden_size``.
 
-    ``task_kind``: ``"classification"`` (give ``num_classes``), ``"binary"`` or ``"regression"``.
+    ``task_kind``: a problem type of :mod:`minbert.tasks`: ``"single_label_classification"`` (give
+    ``num_classes``), ``"binary_classification"`` or ``"regression"``.
     ``options`` are the head's constructor options (see :func:`head_options`); an unknown one raises
     ``ValueError`` naming it and listing the valid ones. ``shared`` is a dict the caller passes to
     every head of one model, through which heads share modules (``relational``).
     """
     if name not in HEADS:
         raise ValueError(f"unknown head {name!r}; valid heads: {sorted(HEADS)}")
-    if task_kind not in TASK_KINDS:
-        raise ValueError(f"head {name!r}: unknown task_kind {task_kind!r}; valid kinds: {list(TASK_KINDS)}")
+    if task_kind not in PROBLEM_TYPES:
+        raise ValueError(f"head {name!r}: unknown task_kind {task_kind!r}; valid kinds: {list(PROBLEM_TYPES)}")
     valid = head_options(name)
     unknown = sorted(k for k in options if k not in valid)
     if unknown:
@@ -99,7 +100,7 @@ def build_head(name: str, hidden_size: int, task_kind: str, *, num_classes: Opti
 
 
 __all__ = [
-    "HEADS", "SENTENCE_HEADS", "PAIR_HEADS", "TASK_KINDS", "OUTPUT_TRANSFORMS", "ACTIVATIONS", "FIXED_ARGUMENTS",
+    "HEADS", "SENTENCE_HEADS", "PAIR_HEADS", "OUTPUT_TRANSFORMS", "ACTIVATIONS", "FIXED_ARGUMENTS",
     "build_head", "head_options", "Head", "TaskOutput", "Features", "SentenceFeatures", "PairFeatures",
     "HybridFeatures", "upcast", "MLP", "make_activation", "sbert_features", "MaskedBiLSTM", "LinearHead", "MLPHead",
     "BiLSTMHead", "SiameseBiLSTMHead", "TransformerHead", "SBERTHead", "CosineFeatureHead", "CosineHead",

@@ -7,10 +7,10 @@ Every head is a :class:`Head` (an ``nn.Module``) whose ``forward(features)`` tak
 * :class:`PairFeatures`: a *bi-encoder* pair, each sentence encoded alone (``a`` and ``b``);
 * :class:`HybridFeatures`: both encodings of a pair (the hybrid head's two members),
 
-and returns, by ``task_kind``:
+and returns, by ``task_kind`` (the task's problem type, :data:`minbert.tasks.PROBLEM_TYPES`):
 
-* ``"classification"``: logits (B, C) (SST-5: C = 5, CFIMDB: C = 2),
-* ``"binary"``: one logit per example (B,) (Quora; the loss is BCE-with-logits),
+* ``"single_label_classification"``: logits (B, C) (SST-5: C = 5, CFIMDB: C = 2),
+* ``"binary_classification"``: one logit per example (B,) (Quora; the loss is BCE-with-logits),
 * ``"regression"``: one score per example (B,) (STS, 0-5).
 
 Each head ends in ``output_dim`` units (C, or 1 for binary and regression) followed by the task's
@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 
 from ..pooling import check_hidden_and_mask, pool
+from ..tasks import PROBLEM_TYPES, REGRESSION, SINGLE_LABEL
 
-TASK_KINDS = ("classification", "binary", "regression")
 OUTPUT_TRANSFORMS = ("identity", "sigmoid")
 # constructor arguments build_head sets itself; every other constructor argument is an option
 FIXED_ARGUMENTS = ("self", "hidden_size", "task_kind", "num_classes")
@@ -166,17 +166,17 @@ def check_choice(where: str, name: str, value: Any, choices) -> str:
 class TaskOutput(nn.Module):
     """Maps the head's last layer (B, output_dim) to the task output.
 
-    classification: logits (B, C); binary: logit (B,); regression: ``x`` (identity) or
+    single-label classification: logits (B, C); binary: logit (B,); regression: ``x`` (identity) or
     ``score_max · sigmoid(x)`` (``transform="sigmoid"``), shape (B,).
     """
 
     def __init__(self, task_kind: str, num_classes: Optional[int], transform: str = "identity",
                  score_max: float = 5.0, where: str = "head"):
         super().__init__()
-        check_choice(where, "task_kind", task_kind, TASK_KINDS)
-        if task_kind == "classification":
+        check_choice(where, "task_kind", task_kind, PROBLEM_TYPES)
+        if task_kind == SINGLE_LABEL:
             if num_classes is None:
-                raise ValueError(f"{where}: task_kind='classification' needs num_classes (e.g. 5 for SST, 2 for CFIMDB)")
+                raise ValueError(f"{where}: task_kind={SINGLE_LABEL!r} needs num_classes (e.g. 5 for SST, 2 for CFIMDB)")
             check_int(where, "num_classes", num_classes, 2)
             self.output_dim = num_classes
         else:
@@ -185,7 +185,7 @@ class TaskOutput(nn.Module):
                                  f"got {num_classes!r}")
             self.output_dim = 1
         check_choice(where, "output_transform", transform, OUTPUT_TRANSFORMS)
-        if transform != "identity" and task_kind != "regression":
+        if transform != "identity" and task_kind != REGRESSION:
             raise ValueError(
                 f"{where}: output_transform={transform!r} only applies to regression; {task_kind} heads return "
                 f"logits (the loss applies the sigmoid/softmax)"
@@ -195,7 +195,7 @@ class TaskOutput(nn.Module):
         self.score_max = check_positive(where, "score_max", score_max)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, output_dim)
-        if self.task_kind == "classification":
+        if self.task_kind == SINGLE_LABEL:
             return x  # (B, C)
         x = x.squeeze(-1)  # (B,)
         if self.transform == "sigmoid":
@@ -214,10 +214,15 @@ class Head(nn.Module):
     name = "head"
     input_kind = "sentence"
 
-    def __init__(self, hidden_size: int, task_kind: str):
+    def __init__(self, hidden_size: int, task_kind: str, num_classes: Optional[int] = None,
+                 output_transform: str = "identity", score_max: float = 5.0, task_output: bool = True):
+        """``task_output``: end in a :class:`TaskOutput` (``self.output``) built from ``num_classes``,
+        ``output_transform`` and ``score_max``; ``False`` for heads that make their output themselves."""
         super().__init__()
         self.hidden_size = check_int(self.name, "hidden_size", hidden_size, 1)
-        self.task_kind = check_choice(self.name, "task_kind", task_kind, TASK_KINDS)
+        self.task_kind = check_choice(self.name, "task_kind", task_kind, PROBLEM_TYPES)
+        if task_output:
+            self.output = TaskOutput(task_kind, num_classes, output_transform, score_max, self.name)
 
     @property
     def output_dim(self) -> int:

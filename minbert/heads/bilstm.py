@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..pooling import masked_mean
-from .base import Features, Head, TaskOutput, check_choice, check_int, check_prob
+from .base import Features, Head, check_choice, check_int, check_prob
 from .layers import MLP, sbert_features
 
 
@@ -70,8 +70,7 @@ class BiLSTMHead(Head):
     def __init__(self, hidden_size, task_kind, num_classes=None, lstm_hidden: Optional[int] = None,
                  lstm_layers: int = 1, reduce: str = "last", include_pooled: bool = False, dropout: float = 0.1,
                  output_transform: str = "identity", score_max: float = 5.0):
-        super().__init__(hidden_size, task_kind)
-        self.output = TaskOutput(task_kind, num_classes, output_transform, score_max, self.name)
+        super().__init__(hidden_size, task_kind, num_classes, output_transform, score_max)
         lstm_hidden = max(1, hidden_size // 2) if lstm_hidden is None else lstm_hidden
         self.lstm = MaskedBiLSTM(hidden_size, lstm_hidden, lstm_layers, dropout, reduce, self.name)
         if not isinstance(include_pooled, bool):
@@ -100,8 +99,7 @@ class SiameseBiLSTMHead(Head):
                  lstm_layers: int = 1, reduce: str = "last", num_layers: int = 0, width: Optional[int] = None,
                  activation: str = "relu", dropout: float = 0.1, output_transform: str = "identity",
                  score_max: float = 5.0):
-        super().__init__(hidden_size, task_kind)
-        self.output = TaskOutput(task_kind, num_classes, output_transform, score_max, self.name)
+        super().__init__(hidden_size, task_kind, num_classes, output_transform, score_max)
         lstm_hidden = max(1, hidden_size // 2) if lstm_hidden is None else lstm_hidden
         self.lstm = MaskedBiLSTM(hidden_size, lstm_hidden, lstm_layers, dropout, reduce, self.name)
         d = self.lstm.out_dim

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import Features, Head, TaskOutput, check_choice, check_positive, check_prob
+from ..tasks import BINARY, SINGLE_LABEL
+from .base import Features, Head, check_choice, check_positive, check_prob
 
 
 class CosineFeatureHead(Head):
@@ -18,8 +19,7 @@ class CosineFeatureHead(Head):
 
     def __init__(self, hidden_size, task_kind, num_classes=None, dropout: float = 0.1,
                  output_transform: str = "identity", score_max: float = 5.0):
-        super().__init__(hidden_size, task_kind)
-        self.output = TaskOutput(task_kind, num_classes, output_transform, score_max, self.name)
+        super().__init__(hidden_size, task_kind, num_classes, output_transform, score_max)
         self.dropout = nn.Dropout(check_prob(self.name, "dropout", dropout))
         self.proj = nn.Linear(2 * hidden_size + 1, self.output.output_dim)
 
@@ -59,17 +59,17 @@ class CosineHead(Head):
 
     def __init__(self, hidden_size, task_kind, num_classes=None, variant: str = "cosine", scale: float = 5.0,
                  sharpness: float = 20.0, binary_scale: float = 20.0, binary_threshold: float = 0.5):
-        super().__init__(hidden_size, task_kind)
+        super().__init__(hidden_size, task_kind, task_output=False)
         self.variant = check_choice(self.name, "variant", variant, self.VARIANTS)
         self.name = variant
-        if task_kind == "classification":
+        if task_kind == SINGLE_LABEL:
             raise ValueError(f"head {variant!r} gives one score per pair; it supports task_kind 'regression' or "
-                             f"'binary', not 'classification'")
+                             f"{BINARY!r}, not {SINGLE_LABEL!r}")
         if num_classes not in (None, 1):
             raise ValueError(f"head {variant!r}: num_classes must be 1 or None, got {num_classes!r}")
         self.scale = check_positive(variant, "scale", scale)
         self.sharpness = check_positive(variant, "sharpness", sharpness)
-        if task_kind == "binary":
+        if task_kind == BINARY:
             w = check_positive(variant, "binary_scale", binary_scale)
             if not isinstance(binary_threshold, (int, float)) or not -1 <= binary_threshold <= 1:
                 raise ValueError(f"{variant}: binary_threshold must be a number in [-1, 1], got {binary_threshold!r}")
@@ -79,7 +79,7 @@ class CosineHead(Head):
     def forward(self, features: Features) -> torch.Tensor:
         p = self._pair(features)
         c = F.cosine_similarity(p.a.pooled, p.b.pooled, dim=-1, eps=1e-8)  # (B,)
-        if self.task_kind == "binary":
+        if self.task_kind == BINARY:
             return self.logit_scale * c + self.logit_bias
         if self.variant == "cosine":
             return self.scale * c

@@ -24,10 +24,10 @@ class HybridHead(Head):
     input_kind = "hybrid"
 
     def __init__(self, bi: Head, cross: Head, weight: float = 0.5):
-        super().__init__(bi.hidden_size, bi.task_kind)
+        super().__init__(bi.hidden_size, bi.task_kind, task_output=False)
         if bi.input_kind != "pair":
-            raise ValueError(f"head 'hybrid': the bi-encoder member must be a pair head ({sorted(registered_names('pair'))}), "
-                             f"got {bi.name!r}")
+            raise ValueError(f"head 'hybrid': the bi-encoder member must be a pair head "
+                             f"({sorted(registered_names('pair'))}), got {bi.name!r}")
         if cross.input_kind != "sentence":
             raise ValueError(f"head 'hybrid': the cross-encoder member must be a single-sequence head "
                              f"({sorted(registered_names('sentence'))}), got {cross.name!r}")

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .base import Features, Head, TaskOutput, check_prob
+from .base import Features, Head, check_prob
 from .layers import MLP
 
 
@@ -17,8 +17,7 @@ class LinearHead(Head):
 
     def __init__(self, hidden_size, task_kind, num_classes=None, dropout: float = 0.1,
                  output_transform: str = "identity", score_max: float = 5.0):
-        super().__init__(hidden_size, task_kind)
-        self.output = TaskOutput(task_kind, num_classes, output_transform, score_max, self.name)
+        super().__init__(hidden_size, task_kind, num_classes, output_transform, score_max)
         self.dropout = nn.Dropout(check_prob(self.name, "dropout", dropout))
         self.proj = nn.Linear(hidden_size, self.output.output_dim)
 
@@ -35,8 +34,7 @@ class MLPHead(Head):
     def __init__(self, hidden_size, task_kind, num_classes=None, num_layers: int = 1, width: Optional[int] = None,
                  activation: str = "relu", dropout: float = 0.1, output_transform: str = "identity",
                  score_max: float = 5.0):
-        super().__init__(hidden_size, task_kind)
-        self.output = TaskOutput(task_kind, num_classes, output_transform, score_max, self.name)
+        super().__init__(hidden_size, task_kind, num_classes, output_transform, score_max)
         self.mlp = MLP(hidden_size, self.output.output_dim, num_layers, width, activation, dropout, self.name)
 
     def forward(self, features: Features) -> torch.Tensor:

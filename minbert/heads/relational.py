@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .base import Features, Head, TaskOutput, check_int, check_prob
+from .base import Features, Head, check_int, check_prob
 from .layers import make_activation, sbert_features
 
 
@@ -17,7 +17,7 @@ class RelationalLayer(nn.Module):
     serve Quora and STS at once, so both tasks train the same relation parameters::
 
         rel = RelationalLayer(hidden_size=384, width=256)
-        quora_head = build_head("relational", 384, "binary", relational=rel)
+        quora_head = build_head("relational", 384, "binary_classification", relational=rel)
         sts_head = build_head("relational", 384, "regression", relational=rel)
         assert quora_head.relational is sts_head.relational
 
@@ -26,7 +26,7 @@ class RelationalLayer(nn.Module):
 
         shared = {}
         heads = {t: build_head("relational", 384, kind, shared=shared) for t, kind in
-                 (("quora", "binary"), ("sts", "regression"))}
+                 (("quora", "binary_classification"), ("sts", "regression"))}
 
     (``model.parameters()`` lists a shared parameter once; build optimizer groups from it.)
     """
@@ -71,8 +71,7 @@ class RelationalHead(Head):
     def __init__(self, hidden_size, task_kind, num_classes=None, relational: Optional[RelationalLayer] = None,
                  width: Optional[int] = None, num_layers: int = 1, activation: str = "relu", dropout: float = 0.1,
                  output_transform: str = "identity", score_max: float = 5.0):
-        super().__init__(hidden_size, task_kind)
-        self.output = TaskOutput(task_kind, num_classes, output_transform, score_max, self.name)
+        super().__init__(hidden_size, task_kind, num_classes, output_transform, score_max)
         if relational is None:
             relational = RelationalLayer(hidden_size, width, num_layers, activation, dropout)
         elif not isinstance(relational, RelationalLayer):

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from .base import Features, Head, TaskOutput
+from .base import Features, Head
 from .layers import MLP, sbert_features
 
 
@@ -22,8 +22,7 @@ class SBERTHead(Head):
     def __init__(self, hidden_size, task_kind, num_classes=None, num_layers: int = 0, width: Optional[int] = None,
                  activation: str = "relu", dropout: float = 0.1, output_transform: str = "identity",
                  score_max: float = 5.0):
-        super().__init__(hidden_size, task_kind)
-        self.output = TaskOutput(task_kind, num_classes, output_transform, score_max, self.name)
+        super().__init__(hidden_size, task_kind, num_classes, output_transform, score_max)
         width = hidden_size if width is None else width
         self.mlp = MLP(4 * hidden_size, self.output.output_dim, num_layers, width, activation, dropout, self.name)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..pooling import masked_mean
-from .base import Features, Head, TaskOutput, check_choice, check_int, check_prob
+from .base import Features, Head, check_choice, check_int, check_prob
 
 
 def _default_heads(hidden_size: int) -> int:
@@ -31,8 +31,7 @@ class TransformerHead(Head):
     def __init__(self, hidden_size, task_kind, num_classes=None, num_layers: int = 1, num_heads: Optional[int] = None,
                  ff_dim: Optional[int] = None, dropout: float = 0.1, pooling: str = "cls",
                  output_transform: str = "identity", score_max: float = 5.0):
-        super().__init__(hidden_size, task_kind)
-        self.output = TaskOutput(task_kind, num_classes, output_transform, score_max, self.name)
+        super().__init__(hidden_size, task_kind, num_classes, output_transform, score_max)
         check_int(self.name, "num_layers", num_layers, 1)
         num_heads = _default_heads(hidden_size) if num_heads is None else check_int(self.name, "num_heads", num_heads, 1)
         if hidden_size % num_heads:

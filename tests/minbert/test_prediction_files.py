@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from minbert.prediction_files import PREDICTION_COLUMNS, append_jsonl, read_jsonl, read_predictions, write_predictions
+from minbert.prediction_files import append_jsonl, prediction_columns, read_jsonl, read_predictions, write_predictions
 
 
 # --- prediction files --------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def test_prediction_round_trip(tmp_path, task, preds):
     back = read_predictions(path)
     assert back.ids == ids
     assert back.preds == preds
-    assert back.column == PREDICTION_COLUMNS[task]
+    assert back.column == prediction_columns()[task]
     assert all(type(p) is type(q) for p, q in zip(back.preds, preds))
 
 
