@@ -13,12 +13,15 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["minbert", "minbert.kernels", "minbert.distributed", "minbert.weighting"],
+    packages=["minbert", "minbert.kernels", "minbert.distributed", "minbert.weighting", "minbert.heads",
+              "minbert.data"],
     package_dir={
         "minbert": "minbert",
         "minbert.kernels": "kernels",
         "minbert.distributed": "distributed",
         "minbert.weighting": "minbert/weighting",
+        "minbert.heads": "minbert/heads",
+        "minbert.data": "minbert/data",
     },
     package_data={"minbert.distributed": ["configs/*.json"]},
     install_requires=[

@@ -87,7 +87,7 @@ def _trainer_step(provider, device, autocast=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
     batch = _batch(bert.config.vocab_size, device)
     options = PROVIDERS[provider]
-    regs = [] if options is None else [SMART(task="sst", kind="classification", **options)]
+    regs = [] if options is None else [SMART(task="sst", kind="single_label_classification", **options)]
 
     def step():
         with autocast_context(autocast, device):

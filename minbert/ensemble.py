@@ -22,6 +22,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from .multitask import predict_from_output
+from .tasks import BINARY, SINGLE_LABEL
 
 
 class EnsembleError(ValueError):
@@ -30,18 +31,18 @@ class EnsembleError(ValueError):
 
 def to_probabilities(task_kind: str, outputs: torch.Tensor) -> torch.Tensor:
     """Model outputs (logits (N, C), a logit (N,), or scores (N,)) in the space members are averaged in."""
-    if task_kind == "classification":
+    if task_kind == SINGLE_LABEL:
         return outputs.float().softmax(-1)
-    if task_kind == "binary":
+    if task_kind == BINARY:
         return outputs.float().sigmoid()
     return outputs.float()
 
 
 def from_probabilities(task_kind: str, mean: torch.Tensor) -> torch.Tensor:
     """The inverse map, so that :func:`minbert.multitask.predict_from_output` applies unchanged."""
-    if task_kind == "classification":
+    if task_kind == SINGLE_LABEL:
         return mean.clamp_min(1e-12).log()
-    if task_kind == "binary":
+    if task_kind == BINARY:
         return torch.logit(mean.clamp(1e-12, 1 - 1e-12))
     return mean
 

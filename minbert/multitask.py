@@ -1,6 +1,6 @@
 """One BERT encoder shared by per-task heads.
 
-Data flow for one batch of task ``t`` (see ../shared/DESIGN.md)::
+Data flow for one batch of task ``t``::
 
     Batch ──embed──▶ encoder inputs [(B, L, H)] (one per sentence for bi-encoded pairs)
           ──encode─▶ SentenceFeatures / PairFeatures (token states, mask, pooled vector)
@@ -16,11 +16,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .data import TASK_SPECS
 from .heads import HybridFeatures, HybridHead, PairFeatures, SentenceFeatures, build_head, upcast
 from .model import BertModel
 from .pooling import pool
-from .train_config import NUM_CLASSES, TaskConfig
+from .tasks import get_task
+from .train_config import TaskConfig
 
 
 class MultitaskModel(nn.Module):
@@ -34,7 +34,7 @@ class MultitaskModel(nn.Module):
         shared: Dict[str, nn.Module] = {}  # modules heads share by name (the relational layer)
         heads = {}
         for t in tasks:
-            num_classes = NUM_CLASSES[t.name] if t.kind == "classification" else None
+            num_classes = get_task(t.name).output_size  # C, or 1 for one logit or score
             try:
                 heads[t.name] = build_head(t.head, hidden, t.kind, num_classes=num_classes, shared=shared,
                                            **t.head_options)
@@ -140,14 +140,6 @@ class MultitaskModel(nn.Module):
 
 
 def predict_from_output(task: str, output: torch.Tensor) -> torch.Tensor:
-    """Model output -> prediction: class index (sst/cfimdb), 0/1 (quora), score (sts).
-
-    A similarity score is clamped to the task's label range (0-5 for STS): a head such as 5·cos(u, v)
-    can output -1.2, but no gold score lies outside the range, so the clamped score is never further
-    from the truth. The raw output is what ensembles average and what the loss sees."""
-    if task in ("sst", "cfimdb"):
-        return output.argmax(-1)
-    if task == "quora":
-        return (output > 0).long()
-    lo, hi = TASK_SPECS[task].label_range
-    return output.clamp(lo, hi)
+    """Model output -> prediction of ``task`` (:meth:`minbert.tasks.Task.predict`): a class index,
+    0/1, or a score clamped to the task's label range."""
+    return get_task(task).predict(output)

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .tasks import get_task
+
 REGULARIZERS: Dict[str, Callable[..., "Regularizer"]] = {}
 
 
@@ -102,7 +104,8 @@ class SimCSEUnsup(Regularizer):
 
 @register("mnrl")
 class MultipleNegativesRanking(Regularizer):
-    """Multiple-negatives ranking loss on the paraphrase positives of a bi-encoded pair batch."""
+    """Multiple-negatives ranking loss on the positive pairs of a bi-encoded pair batch: paraphrase
+    labels above ``threshold`` (binary classification), similarity scores of at least 4 (regression)."""
 
     name = "mnrl"
 
@@ -117,7 +120,8 @@ class MultipleNegativesRanking(Regularizer):
         if batch.input_ids_b is None:
             raise ValueError(f"mnrl needs a bi-encoded pair task (pair_encoding: bi); task {batch.task!r} is not")
         u, v = _pooled(model.features(batch))
-        positive = batch.labels.float() > self.threshold if batch.task == "quora" else batch.labels.float() >= 4.0
+        labels = batch.labels.float()
+        positive = labels >= 4.0 if get_task(batch.task).is_regression else labels > self.threshold
         if int(positive.sum()) < 2:
             return {self.name: u.sum() * 0.0}
         return {self.name: self.weight * mnrl(u[positive], v[positive], scale=self.scale)}
@@ -190,24 +194,22 @@ class SimCSESup(Regularizer):
         context.log(f"simcse_sup ({self.host}): {path}: {len(triples) - without} triples, {without} entailment "
                     f"pairs without a contradiction for their premise (no hard negative of their own), {neutral} neutral "
                     f"rows not used")
-        self.pair_collate = data_lib.make_collate(context.tokenizer, "nli", self.max_length, "bi")
-        self.neg_collate = data_lib.make_collate(context.tokenizer, "sst", self.max_length)
+        self.nli_collate = data_lib.make_collate(context.tokenizer, "nli", self.max_length, "bi")
         self.loader = data_lib.TaskLoader(triples, self.batch_size, self._collate, shuffle=True, seed=context.seed,
                                           rank=context.rank, world_size=context.world_size)
 
     def _collate(self, rows):
         import dataclasses
 
-        pairs = dataclasses.replace(self.pair_collate(rows), task=self.host, labels=None)
-        from .data import Example
-
+        # NLI sentences, encoded by the host task's model (its pooling, its adapters)
+        pairs = dataclasses.replace(self.nli_collate(rows), task=self.host, labels=None)
         has = torch.tensor([self.negatives[ex.label] is not None for ex in rows])  # (B,)
         if not bool(has.any()):
             return pairs, None, None
         # rows without a contradiction get a placeholder sentence whose column the loss masks out
         texts = [self.negatives[ex.label] or ex.text_b for ex in rows]
-        negs = self.neg_collate([Example(ex.id, "sst", t, label=0) for ex, t in zip(rows, texts)])
-        return pairs, dataclasses.replace(negs, task=self.host, labels=None), has
+        negs = self.nli_collate.sentences(texts, [ex.id for ex in rows])  # hypotheses alone, one sequence each
+        return pairs, dataclasses.replace(negs, task=self.host), has
 
     def _next(self):
         if self.loader is None:

@@ -63,9 +63,9 @@ and every update are zero there.
 Dropout in the extra passes (``dropout``)
 
 * ``"eval"`` (default): the extra passes (ascent, adversarial, teacher) run with dropout off
-  (every module temporarily in eval mode, each module's mode restored after), as one seed
-  project did. It is the cheaper choice (no random masks to draw in three extra forwards; on the
-  CPU benchmark a no-grad forward without dropout costs ~2/3 of one with dropout). R_s and D_Breg are
+  (every module temporarily in eval mode, each module's mode restored after). It is the cheaper
+  choice (no random masks to draw in three extra forwards; on the CPU benchmark a no-grad forward
+  without dropout costs ~2/3 of one with dropout). R_s and D_Breg are
   measured against the trainer's clean output, which had dropout, so they also penalise the gap
   between the dropout and the no-dropout network (R_s > 0 at δ = 0, D_Breg > 0 at θ = θ̃) -- like
   mt-dnn, whose adversarial passes draw fresh masks.
@@ -120,7 +120,7 @@ per optimizer step by its owner (the first of those tasks), and saved in the own
 :meth:`SMART.state_dict` (with the call counter that seeds δ₀), so a resumed run continues the
 same sequence. Its state is rank-local (each rank saves its own slice).
 
-Options (per task; defaults from the issue): ``lambda_s=1``, ``mu=1``, ``steps=1`` (K; 0 keeps δ₀),
+Options (per task; defaults): ``lambda_s=1``, ``mu=1``, ``steps=1`` (K; 0 keeps δ₀),
 ``sigma=1e-5``, ``step_size=1e-3`` (η), ``epsilon=1e-5`` (ε), ``norm="inf"|"l2"``,
 ``rule="projection"|"mtdnn"``, ``norm_level="token"|"sequence"``, ``dropout="eval"|"shared"``,
 ``beta=0.99``, ``layer=0``, ``noise="adversarial"|"r3f"``, ``r3f_distribution="normal"|"uniform"``.
@@ -138,9 +138,9 @@ import torch
 
 from .ema import ParameterEMA  # MBPP's teacher θ̃ is a moving average of the parameters
 from .regularizers import Regularizer, register
+from .tasks import BINARY, PROBLEM_TYPES, REGRESSION, SINGLE_LABEL
 from .train_config import ConfigError
 
-KINDS = ("classification", "binary", "regression")
 NORMS = ("inf", "l2")
 RULES = ("projection", "mtdnn")
 NORM_LEVELS = ("token", "sequence")
@@ -279,7 +279,7 @@ class SMART(Regularizer):
     OPTIONS = ("lambda_s", "mu", "steps", "sigma", "step_size", "epsilon", "norm", "rule", "norm_level",
                "dropout", "beta", "layer", "noise", "r3f_distribution")
 
-    def __init__(self, task: Optional[str] = None, kind: str = "classification", lambda_s: float = 1.0,
+    def __init__(self, task: Optional[str] = None, kind: str = SINGLE_LABEL, lambda_s: float = 1.0,
                  mu: float = 1.0, steps: int = 1, sigma: float = 1e-5, step_size: float = 1e-3,
                  epsilon: float = 1e-5, norm: str = "inf", rule: str = "projection", norm_level: str = "token",
                  dropout: str = "eval", beta: float = 0.99, layer: int = 0, noise: str = "adversarial",
@@ -290,7 +290,7 @@ class SMART(Regularizer):
             raise ConfigError(f"{where}: unknown option '{bad}'; expected one of {', '.join(self.OPTIONS)} (or enabled)")
         self.where = where
         self.task = task
-        self.kind = _choice(where, "kind", kind, KINDS)
+        self.kind = _choice(where, "kind", kind, PROBLEM_TYPES)
         self.lambda_s = _number(where, "lambda_s", lambda_s, lo=0.0)
         self.mu = _number(where, "mu", mu, lo=0.0)
         self.steps = _integer(where, "steps", steps, 0)
@@ -421,14 +421,14 @@ class SMART(Regularizer):
     def divergence(self, p: torch.Tensor, q: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
         """ℓ_s(p, q) for this task's kind; ``reduction`` is ``"batchmean"`` or ``"sum"`` over examples."""
         K = _kernels()
-        want = 2 if self.kind == "classification" else 1
+        want = 2 if self.kind == SINGLE_LABEL else 1
         if p.dim() != want or p.shape != q.shape:
             raise ValueError(f"{self.where}: a {self.kind} output must have shape "
                              f"{'(B, C)' if want == 2 else '(B,)'}, got {tuple(p.shape)} and {tuple(q.shape)}")
-        if self.kind == "regression":
+        if self.kind == REGRESSION:
             sq = (p - q).pow(2)
             return sq.sum() if reduction == "sum" else sq.mean()
-        if self.kind == "binary":
+        if self.kind == BINARY:
             p, q = K.binary_to_two_class_logits(p), K.binary_to_two_class_logits(q)
         return K.symmetric_kl(p, q, reduction=reduction)
 

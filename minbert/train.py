@@ -34,12 +34,15 @@ from . import data as data_lib
 from .engine import LocalEngine, build_adamw, param_groups
 from .finetune import count_parameters, set_trainable
 from .losses import build_loss
-from .metrics import append_jsonl, confusion_matrix, overall_score, plot_confusion, plot_curves, task_metric, write_predictions
+from .metrics import confusion_matrix, overall_score, task_metric
 from .model import BertModel
+from .plots import plot_confusion, plot_curves
+from .prediction_files import append_jsonl, write_predictions
 from .multitask import MultitaskModel, predict_from_output
 from .ema import ParameterEMA
 from .regularizers import REGULARIZERS, RegularizerContext, build_regularizers
-from .schedules import build_lr_scheduler, build_task_sampler
+from .lr_schedules import build_lr_scheduler
+from .task_schedules import build_task_sampler
 from .tokenizer import Tokenizer
 from .train_config import ConfigError, TrainConfig
 from .weighting import build_weighting
@@ -577,13 +580,13 @@ def _weighting_options(cfg: TrainConfig) -> Dict:
     if cfg.weighting.name in ("pcgrad", "gse") and "seed" not in options:
         options["seed"] = cfg.seed
     if cfg.weighting.name in ("uncertainty", "dev_score") and "task_kinds" not in options:
-        options["task_kinds"] = {t.name: ("regression" if t.kind == "regression" else "classification") for t in cfg.tasks}
+        options["task_kinds"] = {t.name: t.kind for t in cfg.tasks}
     return options
 
 
 def finish_run(run_dir: Path, model, cfg, tokenizer, datasets, device, log) -> None:
     """Predictions of the best model for dev and test files, and the plots."""
-    from .metrics import read_jsonl
+    from .prediction_files import read_jsonl
 
     best_dir = run_dir / "best"
     if cfg.predict and best_dir.exists():

@@ -18,20 +18,13 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from .tasks import get_task, trainable_tasks
+
 
 class ConfigError(ValueError):
     """A configuration key is unknown or its value is invalid."""
 
 
-TASK_KINDS = {"sst": "classification", "cfimdb": "classification", "quora": "binary", "sts": "regression"}
-NUM_CLASSES = {"sst": 5, "cfimdb": 2, "quora": 1, "sts": 1}
-DEFAULT_FILES = {
-    "sst": ("ids-sst-train.csv", "ids-sst-dev.csv", "ids-sst-test-student.csv"),
-    "cfimdb": ("ids-cfimdb-train.csv", "ids-cfimdb-dev.csv", "ids-cfimdb-test-student.csv"),
-    "quora": ("quora-train.csv", "quora-dev.csv", "quora-test-student.csv"),
-    "sts": ("sts-train.csv", "sts-dev.csv", "sts-test-student.csv"),
-}
-DEFAULT_LOSS = {"sst": "cross_entropy", "cfimdb": "cross_entropy", "quora": "bce_with_logits", "sts": "mse"}
 FINETUNE_MODES = ("full-model", "last-linear-layer", "lora")
 POOLINGS = ("cls", "pooler", "mean")
 # The cross-encoder member of ``pair_encoding: hybrid``: its head, pooling and length, and the weight
@@ -42,10 +35,10 @@ HYBRID_DEFAULTS = {"head": "linear", "head_options": {}, "pooling": "cls", "max_
 
 @dataclass
 class TaskConfig:
-    """One task: files, encoding, head and loss."""
+    """One task: files, encoding, head and loss (``name`` is a trainable task of :mod:`minbert.tasks`)."""
 
     name: str
-    train_file: Optional[str] = None  # relative to data.dir unless absolute; default from DEFAULT_FILES
+    train_file: Optional[str] = None  # relative to data.dir unless absolute; default: the task's files
     dev_file: Optional[str] = None
     test_file: Optional[str] = None
     max_length: int = 128
@@ -56,7 +49,7 @@ class TaskConfig:
     hybrid: Dict[str, Any] = field(default_factory=dict)
     head: str = "linear"
     head_options: Dict[str, Any] = field(default_factory=dict)
-    loss: Optional[str] = None  # default per task (DEFAULT_LOSS)
+    loss: Optional[str] = None  # default: the task's default_loss
     loss_options: Dict[str, Any] = field(default_factory=dict)
     weight: float = 1.0  # used by the "fixed" weighting
     aux_losses: List[Dict[str, Any]] = field(default_factory=list)  # e.g. [{name: simcse_unsup, weight: 0.1}]
@@ -67,8 +60,8 @@ class TaskConfig:
     symmetric_eval: bool = False  # pair tasks: predict from the mean output of (a, b) and (b, a)
 
     def validate(self, prefix: str) -> None:
-        if self.name not in TASK_KINDS:
-            raise ConfigError(f"{prefix}.name: unknown task {self.name!r}; expected one of {sorted(TASK_KINDS)}")
+        if self.name not in trainable_tasks():
+            raise ConfigError(f"{prefix}.name: unknown task {self.name!r}; expected one of {sorted(trainable_tasks())}")
         _positive_int(f"{prefix}.max_length", self.max_length)
         _positive_int(f"{prefix}.batch_size", self.batch_size)
         _choice(f"{prefix}.pooling", self.pooling, POOLINGS)
@@ -84,13 +77,13 @@ class TaskConfig:
                 raise ConfigError(f"{prefix}.{key} must be true or false, got {getattr(self, key)!r}")
             if getattr(self, key) and not self.is_pair:
                 raise ConfigError(f"{prefix}.{key}: task {self.name!r} has one sentence per row; swapping needs "
-                                  f"a pair task (quora, sts)")
+                                  f"a pair task ({_pair_tasks()})")
 
     def _validate_hybrid(self, prefix: str) -> None:
         if not isinstance(self.hybrid, dict):
             raise ConfigError(f"{prefix}.hybrid must be a mapping, got {type(self.hybrid).__name__}")
         if self.pair_encoding == "hybrid" and not self.is_pair:
-            raise ConfigError(f"{prefix}.pair_encoding: 'hybrid' needs a pair task (quora, sts); "
+            raise ConfigError(f"{prefix}.pair_encoding: 'hybrid' needs a pair task ({_pair_tasks()}); "
                               f"task {self.name!r} has one sentence per row")
         if self.hybrid and self.pair_encoding != "hybrid":
             raise ConfigError(f"{prefix}.hybrid is set but pair_encoding is {self.pair_encoding!r}; "
@@ -118,15 +111,16 @@ class TaskConfig:
 
     @property
     def kind(self) -> str:
-        return TASK_KINDS[self.name]
+        """The task's problem type (:data:`minbert.tasks.PROBLEM_TYPES`)."""
+        return get_task(self.name).problem_type
 
     @property
     def is_pair(self) -> bool:
-        return self.name in ("quora", "sts")
+        return get_task(self.name).is_pair
 
     @property
     def loss_name(self) -> str:
-        return self.loss or DEFAULT_LOSS[self.name]
+        return self.loss or get_task(self.name).default_loss
 
     def collate(self, tokenizer, evaluation: bool = False):
         """This task's collate function (``evaluation``: with the swapped pairs when ``symmetric_eval``)."""
@@ -137,7 +131,7 @@ class TaskConfig:
                             cross_max_length=self.hybrid_options["max_length"])
 
     def files(self, data_dir: Union[str, Path]) -> Dict[str, Optional[Path]]:
-        defaults = DEFAULT_FILES[self.name]
+        defaults = get_task(self.name).files or (None, None, None)
         out = {}
         for split, given, default in zip(("train", "dev", "test"), (self.train_file, self.dev_file, self.test_file), defaults):
             name = given if given is not None else default
@@ -303,6 +297,10 @@ class TrainConfig:
 
 
 # --- building from dicts / YAML with validation -----------------------------------------------
+
+def _pair_tasks() -> str:
+    return ", ".join(name for name in trainable_tasks() if get_task(name).is_pair)
+
 
 def _positive_int(key, value):
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -5,22 +5,22 @@ After every evaluation (``end_epoch``), with q_t ∈ [0, 1] the task's normalise
     w_t = T · m_t / Σ_k m_k,      m_t = max(1 − q_t, floor)^γ
 
 so Σ_t w_t = T (γ = 1 by default; γ = 0 gives equal weights; ``floor`` keeps a task that is
-nearly solved from vanishing). Normalisation by kind (``task_kinds``):
+nearly solved from vanishing). Normalisation by the task's problem type (``task_kinds``, values
+from :data:`minbert.tasks.PROBLEM_TYPES`):
 
-* ``"classification"``: the score is an accuracy, q = s ∈ [0, 1];
+* ``"single_label_classification"``, ``"binary_classification"``: the score is an accuracy, q = s ∈ [0, 1];
 * ``"regression"``: the score is a Pearson correlation r ∈ [−1, 1], q = (r + 1) / 2.
 
-Without ``task_kinds`` the CS224N convention holds: ``sts`` is regression, every other task
+Without ``task_kinds`` each task takes its problem type from :mod:`minbert.tasks` (``sts`` is
+regression); a task not registered there, or not named in a given ``task_kinds``, counts as
 classification. A NaN score (e.g. Pearson r of constant predictions) counts as q = 0, the worst.
 Until every task has a dev score the weights stay at 1 (and a later evaluation missing a task
 keeps the previous weights).
 """
 import math
 
+from ..tasks import PROBLEM_TYPES, REGRESSION, SINGLE_LABEL, TASKS
 from .base import Weighting
-
-KINDS = ("regression", "classification")
-DEFAULT_KINDS = {"sts": "regression"}
 
 
 class DevScore(Weighting):
@@ -34,14 +34,14 @@ class DevScore(Weighting):
         if floor > 1:
             raise ValueError(f"dev_score: floor must be <= 1, got {floor!r}")
         if task_kinds is None:
-            task_kinds = {t: DEFAULT_KINDS[t] for t in self.tasks if t in DEFAULT_KINDS}
+            task_kinds = {t: TASKS[t].problem_type for t in self.tasks if t in TASKS}
         unknown = [t for t in task_kinds if t not in self.tasks]
         if unknown:
             raise ValueError(f"dev_score: task_kinds names unknown tasks {unknown}; configured tasks: {self.tasks}")
-        bad = {t: k for t, k in task_kinds.items() if k not in KINDS}
+        bad = {t: k for t, k in task_kinds.items() if k not in PROBLEM_TYPES}
         if bad:
-            raise ValueError(f"dev_score: task_kinds must be 'regression' or 'classification', got {bad}")
-        self.kinds = {t: task_kinds.get(t, "classification") for t in self.tasks}
+            raise ValueError(f"dev_score: task_kinds must be problem types {list(PROBLEM_TYPES)}, got {bad}")
+        self.kinds = {t: task_kinds.get(t, SINGLE_LABEL) for t in self.tasks}
         self.gamma, self.floor = float(gamma), float(floor)
         self.current = {t: 1.0 for t in self.tasks}
 
@@ -53,7 +53,7 @@ class DevScore(Weighting):
         score = float(score)
         if math.isnan(score):
             return 0.0
-        lo = -1.0 if self.kinds[task] == "regression" else 0.0
+        lo = -1.0 if self.kinds[task] == REGRESSION else 0.0
         if not lo - 1e-6 <= score <= 1.0 + 1e-6:
             raise ValueError(f"dev_score: the dev score of {self.kinds[task]} task {task!r} must lie in [{lo:g}, 1], "
                              f"got {score!r}")

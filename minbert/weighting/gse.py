@@ -1,4 +1,4 @@
-"""GSE, a seed project's PCGrad variant: two optimizer updates per training step, first along the
+"""GSE, a PCGrad variant: two optimizer updates per training step, first along the
 PCGrad direction, then along the plain summed gradient recomputed at the updated weights.
 
 The two updates use the interface's ``num_updates`` contract (see :mod:`minbert.weighting.base`):

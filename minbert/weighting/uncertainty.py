@@ -8,16 +8,17 @@ Each task t has a learnable homoscedastic noise σ_t. With the parametrisation s
 
 summed over the tasks present in the step. The s_t are returned by :meth:`parameters` and must be
 given to the optimizer (the trainer puts them in a group without weight decay). ``task_kinds``
-maps tasks to ``"regression"`` or ``"classification"`` (the default for tasks not named).
+maps tasks to their problem types (:data:`minbert.tasks.PROBLEM_TYPES`): ``"regression"`` takes the
+½ of the regression line, either classification type the classification line, which is also the
+one for tasks not named.
 """
 import math
 
 import torch
 import torch.nn as nn
 
+from ..tasks import PROBLEM_TYPES, REGRESSION, SINGLE_LABEL
 from .base import Weighting
-
-KINDS = ("regression", "classification")
 
 
 class Uncertainty(Weighting):
@@ -29,16 +30,16 @@ class Uncertainty(Weighting):
         unknown = [t for t in task_kinds if t not in self.tasks]
         if unknown:
             raise ValueError(f"uncertainty: task_kinds names unknown tasks {unknown}; configured tasks: {self.tasks}")
-        bad = {t: k for t, k in task_kinds.items() if k not in KINDS}
+        bad = {t: k for t, k in task_kinds.items() if k not in PROBLEM_TYPES}
         if bad:
-            raise ValueError(f"uncertainty: task_kinds must be 'regression' or 'classification', got {bad}")
+            raise ValueError(f"uncertainty: task_kinds must be problem types {list(PROBLEM_TYPES)}, got {bad}")
         if isinstance(init, bool) or not isinstance(init, (int, float)) or not math.isfinite(init):
             raise ValueError(f"uncertainty: init (the initial log σ²) must be a finite number, got {init!r}")
-        self.kinds = {t: task_kinds.get(t, "classification") for t in self.tasks}
+        self.kinds = {t: task_kinds.get(t, SINGLE_LABEL) for t in self.tasks}
         self.log_vars = nn.ParameterDict({t: nn.Parameter(torch.tensor(float(init))) for t in self.tasks})
 
     def _scale(self, task: str) -> float:
-        return 0.5 if self.kinds[task] == "regression" else 1.0
+        return 0.5 if self.kinds[task] == REGRESSION else 1.0
 
     def parameters(self):
         return list(self.log_vars.values())

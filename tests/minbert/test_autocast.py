@@ -103,7 +103,7 @@ def test_smart_warns_when_its_perturbation_is_below_bf16_resolution(tiny_checkpo
     model = MultitaskModel(BertModel.from_pretrained(tiny_checkpoint), [task]).train()
     tok = Tokenizer.from_pretrained(tiny_checkpoint)
     batch = task.collate(tok)(data_lib.read_task_file(FIXTURES / "ids-sst-dev.csv", "sst").examples[:4])
-    smart = SMART(task="sst", kind="classification", **options)
+    smart = SMART(task="sst", kind="single_label_classification", **options)
     smart.bind([smart])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -118,7 +118,7 @@ def test_smart_warns_when_its_perturbation_is_below_bf16_resolution(tiny_checkpo
     assert len(below) == (1 if warns else 0), [str(w.message) for w in caught]
     with warnings.catch_warnings(record=True) as caught:  # and never without autocast
         warnings.simplefilter("always")
-        fresh = SMART(task="sst", kind="classification", **options)
+        fresh = SMART(task="sst", kind="single_label_classification", **options)
         fresh.bind([fresh])
         fresh.before_forward(model, batch)
         fresh(model, batch, model(batch))

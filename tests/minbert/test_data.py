@@ -14,7 +14,6 @@ import torch
 
 from minbert.data import (
     REASONS,
-    TASK_SPECS,
     Batch,
     DataError,
     Example,
@@ -25,6 +24,7 @@ from minbert.data import (
     read_cs224n,
     read_task_file,
 )
+from minbert.tasks import get_task
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures" / "data"
 QUORA_HEADER = "\tid\tsentence1\tsentence2\tis_duplicate\n"
@@ -568,7 +568,7 @@ def test_real_files_parse(data_dir):
         data = read_cs224n(data_dir, task, split, bad_rows="skip")
         assert len(data) == count, data.summary()
         assert data.labelled
-        spec = TASK_SPECS[task]
+        spec = get_task(task)
         lo, hi = spec.label_range
         assert all(lo <= e.label <= hi and e.text_a and (e.text_b is not None) == spec.is_pair for e in data.examples)
         assert len({e.id for e in data.examples}) == count

@@ -23,20 +23,20 @@ def test_classification_averages_probabilities_not_logits():
     # member 0 is sure of class 0; member 1 mildly prefers class 1 by a larger logit margin sum
     a = _member(["x"], [[10.0, 0.0, 0.0]], [0])
     b = _member(["x"], [[0.0, 3.0, 0.0]], [0])
-    got = average_members("sst", "classification", [a, b])
+    got = average_members("sst", "single_label_classification", [a, b])
     pa, pb = torch.tensor([10.0, 0, 0]).softmax(0), torch.tensor([0, 3.0, 0]).softmax(0)
     torch.testing.assert_close(torch.tensor(got["outputs"][0]), (pa + pb) / 2)
     assert got["preds"] == [0] and got["labels"] == [0]
     # a case where probability and logit averaging disagree: each member is sure of another class
     a, b = _member(["y"], [[0.0, 3.0, -10.0]]), _member(["y"], [[0.0, -10.0, 2.9]])
     assert torch.tensor([[0.0, 3.0, -10.0], [0.0, -10.0, 2.9]]).mean(0).argmax() == 0  # mean logits: class 0
-    assert average_members("sst", "classification", [a, b])["preds"] == [1]  # p̄ = (0.05, 0.48, 0.47)
+    assert average_members("sst", "single_label_classification", [a, b])["preds"] == [1]  # p̄ = (0.05, 0.48, 0.47)
 
 
 def test_binary_and_regression_and_id_alignment():
     a = _member(["p", "q", "r"], [2.0, -1.0, 0.2], [1, 0, 1])
     b = _member(["r", "p", "q"], [-0.6, 1.0, -3.0], [1, 1, 0])  # another order: matched by id
-    got = average_members("quora", "binary", [a, b])
+    got = average_members("quora", "binary_classification", [a, b])
     s = torch.sigmoid
     want = [(s(torch.tensor(2.0)) + s(torch.tensor(1.0))) / 2, (s(torch.tensor(-1.0)) + s(torch.tensor(-3.0))) / 2,
             (s(torch.tensor(0.2)) + s(torch.tensor(-0.6))) / 2]
@@ -45,7 +45,7 @@ def test_binary_and_regression_and_id_alignment():
     sts = average_members("sts", "regression", [_member(["p", "q"], [1.0, 4.0]), _member(["q", "p"], [2.0, 3.0])])
     assert sts["preds"] == pytest.approx([2.0, 3.0])
     # one member: its own predictions exactly
-    one = average_members("quora", "binary", [a])
+    one = average_members("quora", "binary_classification", [a])
     assert one["preds"] == [1, 0, 1]
 
 

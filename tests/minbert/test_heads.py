@@ -9,7 +9,6 @@ from minbert.heads import (
     HEADS,
     PAIR_HEADS,
     SENTENCE_HEADS,
-    TASK_KINDS,
     BiLSTMHead,
     PairFeatures,
     RelationalLayer,
@@ -18,9 +17,10 @@ from minbert.heads import (
     head_options,
 )
 from minbert.pooling import POOLING_METHODS, pool
+from minbert.tasks import PROBLEM_TYPES
 
 H = 16
-NUM_CLASSES = {"classification": 5, "binary": 1, "regression": 1}
+NUM_CLASSES = {"single_label_classification": 5, "binary_classification": 1, "regression": 1}
 # Which feature tensors each head reads (with default options).
 READS = {
     "linear": "pooled", "mlp": "pooled", "sbert": "pooled", "2d+1": "pooled", "relational": "pooled",
@@ -131,8 +131,8 @@ def test_sentence_features_from_encoder_and_validation():
 
 def _cases():
     for name in HEADS:
-        for kind in TASK_KINDS:
-            if name in COSINE_HEADS and kind == "classification":
+        for kind in PROBLEM_TYPES:
+            if name in COSINE_HEADS and kind == "single_label_classification":
                 continue
             yield name, kind
 
@@ -144,7 +144,7 @@ def test_head_output_shape_and_gradients(name, kind):
     f = features_for(name)
     out = head(f)
     b = f.batch_size
-    assert out.shape == ((b, 5) if kind == "classification" else (b,)), (name, kind, out.shape)
+    assert out.shape == ((b, 5) if kind == "single_label_classification" else (b,)), (name, kind, out.shape)
     assert torch.isfinite(out).all()
     (out * torch.randn_like(out)).sum().backward()
 
@@ -180,7 +180,7 @@ def test_bilstm_include_pooled_reads_both():
 
 @pytest.mark.parametrize("reduce", ["last", "mean", "max"])
 def test_bilstm_matches_unpadded_rows_and_any_mask_layout(reduce):
-    head = build_head("bilstm", H, "classification", num_classes=3, reduce=reduce, lstm_layers=2).eval()
+    head = build_head("bilstm", H, "single_label_classification", num_classes=3, reduce=reduce, lstm_layers=2).eval()
     lengths = (7, 4, 1, 5)
     f = sentence(lengths, grad=False)
     out = head(f)
@@ -209,7 +209,7 @@ def test_transformer_head_matches_unpadded_rows(pooling):
 
 @pytest.mark.parametrize("name", TOKEN_HEADS)
 def test_padded_token_states_do_not_change_outputs(name):
-    head = build_head(name, H, "binary").eval()
+    head = build_head(name, H, "binary_classification").eval()
     f = features_for(name, grad=False)
     ref = head(f)
     for fill in (lambda s: 1e3 * torch.randn(s), lambda s: torch.full(s, -7.0)):
@@ -234,7 +234,7 @@ def test_all_padded_rows_give_finite_outputs(name):
 # --- pair features and cosine heads ---------------------------------------------------------------
 
 def test_sbert_head_uses_u_v_absdiff_product_in_order():
-    head = build_head("sbert", H, "classification", num_classes=3).eval()
+    head = build_head("sbert", H, "single_label_classification", num_classes=3).eval()
     f = pair(grad=False)
     u, v = f.a.pooled, f.b.pooled
     lin = head.mlp.net[-1]
@@ -278,7 +278,7 @@ def test_cosine_heads_numeric():
     torch.testing.assert_close(build_head("cosine", H, "regression")(ext), torch.tensor([5.0, -5.0], dtype=torch.float64))
     torch.testing.assert_close(build_head("cosine_affine", H, "regression")(ext), torch.tensor([5.0, 0.0], dtype=torch.float64))
     # Binary: logit = w * cos + b with w = 20, b = -20 * 0.5 at initialisation.
-    binary = build_head("cosine", H, "binary").double()
+    binary = build_head("cosine", H, "binary_classification").double()
     torch.testing.assert_close(binary(f), 20 * cos - 10, atol=1e-12, rtol=0)
 
 
@@ -292,8 +292,8 @@ def test_regression_sigmoid_output_transform():
 @pytest.mark.parametrize("activation,cls", [("relu", nn.ReLU), ("gelu", nn.GELU), ("leaky_relu", nn.LeakyReLU),
                                             ("selu", nn.SELU)])
 def test_mlp_head_layers_and_activations(activation, cls):
-    head = build_head("mlp", H, "classification", num_classes=5, num_layers=3, width=12, activation=activation,
-                      dropout=0.2)
+    head = build_head("mlp", H, "single_label_classification", num_classes=5, num_layers=3, width=12,
+                      activation=activation, dropout=0.2)
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(H, 12), (12, 12), (12, 12), (12, 5)]
     assert sum(isinstance(m, cls) for m in head.modules()) == 3
@@ -319,7 +319,7 @@ def test_siamese_bilstm_shares_one_lstm_for_both_sentences():
 
 def test_relational_layer_shared_between_quora_and_sts_by_instance():
     rel = RelationalLayer(H, width=8, dropout=0.0)
-    quora = build_head("relational", H, "binary", relational=rel)
+    quora = build_head("relational", H, "binary_classification", relational=rel)
     sts = build_head("relational", H, "regression", relational=rel)
     assert quora.relational is sts.relational is rel
     for pq, ps in zip(quora.relational.parameters(), sts.relational.parameters()):
@@ -329,7 +329,7 @@ def test_relational_layer_shared_between_quora_and_sts_by_instance():
 
 def test_relational_layer_shared_through_config_dict_and_gradients_add_up():
     shared = {}
-    quora = build_head("relational", H, "binary", shared=shared, width=8, dropout=0.0)
+    quora = build_head("relational", H, "binary_classification", shared=shared, width=8, dropout=0.0)
     sts = build_head("relational", H, "regression", shared=shared, width=8, dropout=0.0)
     assert set(shared) == {"relational"} and quora.relational is sts.relational is shared["relational"]
     both = nn.ModuleDict({"quora": quora, "sts": sts})
@@ -349,53 +349,53 @@ def test_relational_layer_shared_through_config_dict_and_gradients_add_up():
     other = build_head("relational", H, "regression", shared=shared, share_as="other")
     assert private.relational is not shared["relational"] and other.relational is shared["other"]
     with pytest.raises(ValueError, match="conflict"):
-        build_head("relational", H, "binary", shared=shared, width=4)
+        build_head("relational", H, "binary_classification", shared=shared, width=4)
     with pytest.raises(ValueError, match="one or the other"):
-        build_head("relational", H, "binary", relational=shared["relational"], width=8)
+        build_head("relational", H, "binary_classification", relational=shared["relational"], width=8)
     with pytest.raises(ValueError, match="hidden size 16"):
-        build_head("relational", 2 * H, "binary", relational=shared["relational"])
+        build_head("relational", 2 * H, "binary_classification", relational=shared["relational"])
 
 
 # --- registry and input errors -----------------------------------------------------------------
 
 def test_build_head_rejects_unknown_names_and_options():
     with pytest.raises(ValueError, match=r"unknown head 'lstm'; valid heads: \[.*'bilstm'.*'linear'.*\]"):
-        build_head("lstm", H, "binary")
+        build_head("lstm", H, "binary_classification")
     with pytest.raises(ValueError, match=r"head 'mlp': unknown option 'widht'; valid options: \[.*'width'.*\]"):
-        build_head("mlp", H, "binary", widht=4)
+        build_head("mlp", H, "binary_classification", widht=4)
     with pytest.raises(ValueError, match=r"unknown option 'sharpness'"):
         build_head("cosine", H, "regression", sharpness=3.0)
     with pytest.raises(ValueError, match="unknown task_kind 'multiclass'"):
         build_head("linear", H, "multiclass")
     with pytest.raises(ValueError, match="needs num_classes"):
-        build_head("linear", H, "classification")
+        build_head("linear", H, "single_label_classification")
     with pytest.raises(ValueError, match="num_classes must be 1 or None"):
-        build_head("linear", H, "binary", num_classes=5)
-    with pytest.raises(ValueError, match="not 'classification'"):
-        build_head("cosine_affine", H, "classification", num_classes=5)
+        build_head("linear", H, "binary_classification", num_classes=5)
+    with pytest.raises(ValueError, match="not 'single_label_classification'"):
+        build_head("cosine_affine", H, "single_label_classification", num_classes=5)
     with pytest.raises(ValueError, match=r"activation='tanh' is not valid; expected one of \['relu', 'gelu', 'leaky_relu', 'selu'\]"):
-        build_head("mlp", H, "binary", activation="tanh")
+        build_head("mlp", H, "binary_classification", activation="tanh")
     with pytest.raises(ValueError, match="num_heads=3 must divide hidden_size=16"):
-        build_head("transformer", H, "binary", num_heads=3)
+        build_head("transformer", H, "binary_classification", num_heads=3)
     with pytest.raises(ValueError, match="only applies to regression"):
-        build_head("linear", H, "binary", output_transform="sigmoid")
+        build_head("linear", H, "binary_classification", output_transform="sigmoid")
     with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\)"):
-        build_head("linear", H, "binary", dropout=1.5)
+        build_head("linear", H, "binary_classification", dropout=1.5)
     with pytest.raises(ValueError, match="reduce='first' is not valid"):
-        build_head("bilstm", H, "binary", reduce="first")
+        build_head("bilstm", H, "binary_classification", reduce="first")
     assert "share_as" in head_options("relational") and "variant" not in head_options("cosine")
     assert set(SENTENCE_HEADS) | set(PAIR_HEADS) == set(HEADS)
 
 
 def test_heads_reject_the_wrong_feature_kind_and_size():
     with pytest.raises(TypeError, match="pair_encoding='cross'"):
-        build_head("linear", H, "binary")(pair())
+        build_head("linear", H, "binary_classification")(pair())
     with pytest.raises(TypeError, match="pair_encoding='bi'"):
-        build_head("sbert", H, "binary")(sentence())
+        build_head("sbert", H, "binary_classification")(sentence())
     with pytest.raises(ValueError, match="built for hidden size 32"):
-        build_head("linear", 2 * H, "binary")(sentence())
+        build_head("linear", 2 * H, "binary_classification")(sentence())
     with pytest.raises(TypeError, match="expected SentenceFeatures"):
-        BiLSTMHead(H, "binary")(torch.randn(2, H))
+        BiLSTMHead(H, "binary_classification")(torch.randn(2, H))
 
 
 def test_heads_on_a_tiny_bert_train_the_encoder():
@@ -412,8 +412,9 @@ def test_heads_on_a_tiny_bert_train_the_encoder():
     out_b = bert(ids.flip(1), attention_mask=mask)
     bi = PairFeatures(SentenceFeatures.from_encoder(out.last_hidden_state, mask, "mean"),
                       SentenceFeatures.from_encoder(out_b.last_hidden_state, mask, "mean"))
-    loss = build_head("transformer", H, "classification", num_classes=5, num_heads=2)(single).logsumexp(-1).sum()
-    loss = loss + build_head("cosine", H, "regression")(bi).sum() + build_head("mlp", H, "binary")(single).sum()
+    transformer = build_head("transformer", H, "single_label_classification", num_classes=5, num_heads=2)
+    loss = transformer(single).logsumexp(-1).sum() + build_head("cosine", H, "regression")(bi).sum()
+    loss = loss + build_head("mlp", H, "binary_classification")(single).sum()
     loss.backward()
     for name in ("embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight", "pooler.dense.weight"):
         assert dict(bert.named_parameters())[name].grad.abs().sum() > 0, name

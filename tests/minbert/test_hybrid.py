@@ -30,20 +30,21 @@ def _features(b=5):
 
 
 @pytest.mark.parametrize("kind,bi_name,cross_name,weight", [("regression", "cosine", "linear", 0.5),
-                                                             ("binary", "sbert", "mlp", 0.7),
-                                                             ("classification", "sbert", "linear", 0.0)])
+                                                             ("binary_classification", "sbert", "mlp", 0.7),
+                                                             ("single_label_classification", "sbert", "linear", 0.0)])
 def test_hybrid_head_output_and_member_loss(kind, bi_name, cross_name, weight):
     torch.manual_seed(0)
-    n = 3 if kind == "classification" else None
+    n = 3 if kind == "single_label_classification" else None
     bi, cross = build_head(bi_name, H, kind, num_classes=n), build_head(cross_name, H, kind, num_classes=n)
     head = HybridHead(bi, cross, weight).eval()
     f = _features()
     out = head(f)
     want_bi, want_cross = bi(f.pair), cross(f.cross)
     assert out.shape == want_bi.shape and torch.allclose(out, weight * want_bi + (1 - weight) * want_cross)
-    target = {"regression": torch.rand(5) * 5, "binary": torch.randint(0, 2, (5,)),
-              "classification": torch.randint(0, 3, (5,))}[kind]
-    base = build_loss({"regression": "mse", "binary": "bce_with_logits", "classification": "cross_entropy"}[kind])
+    target = {"regression": torch.rand(5) * 5, "binary_classification": torch.randint(0, 2, (5,)),
+              "single_label_classification": torch.randint(0, 3, (5,))}[kind]
+    base = build_loss({"regression": "mse", "binary_classification": "bce_with_logits",
+                       "single_label_classification": "cross_entropy"}[kind])
     loss = head.wrap_loss(base)(out, target)
     want = 0.5 * (base(want_bi, target) + base(want_cross, target))
     assert torch.allclose(loss, want)
@@ -68,7 +69,8 @@ def test_hybrid_loss_must_follow_its_forward_and_members_must_fit():
     with pytest.raises(ValueError, match="cross-encoder member must be a single-sequence head"):
         HybridHead(build_head("cosine", H, "regression"), build_head("sbert", H, "regression"))
     with pytest.raises(ValueError, match="members disagree"):
-        HybridHead(build_head("sbert", H, "classification", num_classes=5), build_head("linear", H, "regression"))
+        HybridHead(build_head("sbert", H, "single_label_classification", num_classes=5),
+                   build_head("linear", H, "regression"))
     with pytest.raises(ValueError, match=r"weight must be a number in \[0, 1\], got 1.5"):
         HybridHead(build_head("cosine", H, "regression"), build_head("linear", H, "regression"), 1.5)
     with pytest.raises(TypeError, match="needs HybridFeatures"):

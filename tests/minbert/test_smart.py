@@ -19,7 +19,7 @@ from minbert.train_config import ConfigError, TaskConfig, load_config
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "train"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FILES = {"sst": "ids-sst-train.csv", "quora": "quora-train.csv", "sts": "sts-train.csv"}
-KIND = {"sst": "classification", "quora": "binary", "sts": "regression"}
+KIND = {"sst": "single_label_classification", "quora": "binary_classification", "sts": "regression"}
 # (task, pair encoding): a single sentence, a cross-encoded pair, a bi-encoded pair
 CASES = [("sst", "cross"), ("quora", "cross"), ("sts", "bi")]
 
@@ -94,7 +94,7 @@ def token_norms(x, norm):
 ])
 def test_bad_options_name_the_option(option, value):
     with pytest.raises(ConfigError, match=f"smart \\(task sst\\): option '{option}'"):
-        SMART(task="sst", **{"kind": "classification", option: value})
+        SMART(task="sst", **{"kind": "single_label_classification", option: value})
 
 
 def test_unknown_option_and_config_errors():
@@ -106,7 +106,7 @@ def test_unknown_option_and_config_errors():
                              "tasks.quora.smart={enabled: false}"])
     regs = _task_regularizers(cfg)
     sst, sts = regs["sst"][-1], regs["sts"][-1]
-    assert (sst.lambda_s, sst.mu, sst.kind, sst.task) == (2.0, 0.5, "classification", "sst")
+    assert (sst.lambda_s, sst.mu, sst.kind, sst.task) == (2.0, 0.5, "single_label_classification", "sst")
     assert (sts.lambda_s, sts.mu, sts.layer, sts.kind) == (5.0, 0.5, 1, "regression")
     assert not any(isinstance(r, SMART) for r in regs["quora"])
     with pytest.raises(ConfigError, match="option 'rule'"):
@@ -298,7 +298,7 @@ def test_final_term_trains_theta_through_both_outputs_and_ascent_makes_no_param_
 
 
 def test_divergence_is_stable_when_probabilities_underflow():
-    for kind, shape in (("classification", (4, 5)), ("binary", (4,)), ("regression", (4,))):
+    for kind, shape in (("single_label_classification", (4, 5)), ("binary_classification", (4,)), ("regression", (4,))):
         reg = SMART(kind=kind)
         p = (torch.randn(shape) * 1e4).requires_grad_(True)
         q = (-p.detach() + torch.randn(shape)).requires_grad_(True)
@@ -309,9 +309,9 @@ def test_divergence_is_stable_when_probabilities_underflow():
             assert bool(torch.isfinite(gp).all() and torch.isfinite(gq).all())
         assert float(reg.divergence(p, p.detach()).detach()) == 0.0
     with pytest.raises(ValueError, match=r"classification output must have shape \(B, C\), got \(4,\)"):
-        SMART(kind="classification").divergence(torch.zeros(4), torch.zeros(4))
-    with pytest.raises(ValueError, match=r"binary output must have shape \(B,\)"):
-        SMART(kind="binary").divergence(torch.zeros(4, 2), torch.zeros(4, 2))
+        SMART(kind="single_label_classification").divergence(torch.zeros(4), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"binary_classification output must have shape \(B,\)"):
+        SMART(kind="binary_classification").divergence(torch.zeros(4, 2), torch.zeros(4, 2))
 
 
 # --- MBPP ----------------------------------------------------------------------------------------
@@ -363,7 +363,7 @@ def test_tasks_share_one_teacher_updated_once_per_step(tokenizer):
 
 def test_bregman_is_zero_at_the_teacher_then_trains_the_student(tokenizer):
     model, batch = make_model(), make_batch(tokenizer, "quora")
-    reg = SMART(task="quora", kind="binary", lambda_s=0.0, mu=2.0, dropout="shared")
+    reg = SMART(task="quora", kind="binary_classification", lambda_s=0.0, mu=2.0, dropout="shared")
     _, terms = run(reg, model, batch)
     assert set(terms) == {"bregman"} and float(terms["bregman"].detach()) == 0.0
     with torch.no_grad():
@@ -544,7 +544,7 @@ def test_triton_kernels_in_the_loop(tokenizer, monkeypatch, triton_backend):
     """With the Triton kernels (noise, perturbation step, symmetric KL) SMART runs and keeps δ in the ball."""
     model, batch = make_model(), make_batch(tokenizer, "quora", n=4)
     rec = Recorder(monkeypatch)
-    reg = SMART(task="quora", kind="binary", epsilon=1e-3, step_size=1e-1, sigma=1e-4)
+    reg = SMART(task="quora", kind="binary_classification", epsilon=1e-3, step_size=1e-1, sigma=1e-4)
     output, terms = run(reg, model, batch)
     assert all(math.isfinite(float(v.detach())) for v in terms.values()) and float(terms["smart"].detach()) > 0
     d_in, _, d_out, _ = rec.calls[0]

@@ -368,8 +368,8 @@ def test_fixed_weights_and_validation():
 
 def test_uncertainty_matches_formula_and_learns():
     w = build_weighting("uncertainty", ["sst", "sts", "quora"],
-                        task_kinds={"sst": "classification", "sts": "regression"})
-    assert w.kinds["quora"] == "classification"
+                        task_kinds={"sst": "single_label_classification", "sts": "regression"})
+    assert w.kinds["quora"] == "single_label_classification"
     s = {"sst": 0.3, "sts": -0.2, "quora": 0.1}
     with torch.no_grad():
         for t, v in s.items():
@@ -394,7 +394,7 @@ def test_uncertainty_matches_formula_and_learns():
     fresh = build_weighting("uncertainty", ["sst", "sts", "quora"])
     fresh.load_state_dict(w.state_dict())
     assert all(fresh.log_vars[t].item() == w.log_vars[t].item() for t in s)
-    with pytest.raises(ValueError, match="task_kinds must be 'regression' or 'classification'"):
+    with pytest.raises(ValueError, match=r"task_kinds must be problem types \['single_label_classification', "):
         build_weighting("uncertainty", ["a"], task_kinds={"a": "ranking"})
     with pytest.raises(ValueError, match=r"task_kinds names unknown tasks \['b'\]"):
         build_weighting("uncertainty", ["a"], task_kinds={"b": "regression"})
@@ -441,7 +441,7 @@ def test_dev_score_weights_favour_weaker_tasks():
     assert got == pytest.approx({"sst": 3 * 0.5 / 0.9, "quora": 3 * 0.2 / 0.9, "sts": 3 * 0.2 / 0.9})
     # gamma, floor, explicit kinds, NaN as the worst score
     w = build_weighting("dev_score", ["a", "b", "c"], gamma=2.0, floor=0.1,
-                        task_kinds={"a": "classification", "b": "regression"})
+                        task_kinds={"a": "single_label_classification", "b": "regression"})
     w.end_epoch(0, {}, {"a": 0.99, "b": -0.2, "c": float("nan")})
     m = {"a": 0.1 ** 2, "b": (1 - 0.4) ** 2, "c": 1.0}
     assert w.weights({"a": 0, "b": 0, "c": 0}) == pytest.approx({t: 3 * v / sum(m.values()) for t, v in m.items()})
