@@ -352,17 +352,16 @@ def train(
         engine = LocalEngine(model, optimizer, make_scheduler(optimizer), cfg.optim.grad_clip)
     else:
         engine = engine_builder(model, groups, make_scheduler, cfg)
-        # an engine whose gradients live in shards (DeepSpeed ZeRO) supplies its own PCGrad
-        weighting = getattr(engine, "wrap_weighting", lambda w: w)(weighting)
+    # an engine whose gradients live in shards (DeepSpeed ZeRO) supplies its own PCGrad
+    weighting = engine.wrap_weighting(weighting)
     shared_params = model.shared_parameters()
     # weight averaging for evaluation (cfg.ema): θ̄ = θ now, so a ZeRO-3 run is refused before training
     ema = ParameterEMA(cfg.ema, where="ema", warmup=True, dtype=torch.float32) if cfg.ema else None
     if ema is not None:
         ema.ensure(model)
     # with several ranks: agree on skipping, log the mean over ranks (identity for the local engine)
-    all_true = getattr(engine, "all_true", lambda flag: flag)
-    rank_mean = getattr(engine, "rank_mean", lambda values: values)
-    num_updates = getattr(weighting, "num_updates", 1)
+    all_true, rank_mean = engine.all_true, engine.rank_mean
+    num_updates = weighting.num_updates
 
     # state that a resume restores -----------------------------------------------------------
     start_step, best, nan_run, nan_total = 0, -math.inf, 0, 0
@@ -426,7 +425,7 @@ def train(
         in_top = bool(cfg.save_top_k) and keep_top_k(top, cfg.save_top_k, metrics["overall"], step)
         if (new_best and cfg.save_best) or in_top:
             # ZeRO-3 keeps parameters partitioned: every rank takes part in gathering them (once for both saves)
-            with getattr(engine, "full_parameters", contextlib.nullcontext)():
+            with engine.full_parameters():
                 if is_main:
                     info = {"step": step, "dev": metrics}
                     if new_best and cfg.save_best:
