@@ -248,19 +248,16 @@ def evaluate(model: MultitaskModel, loaders: Dict, device, autocast: Optional[st
 # --- the trainer ------------------------------------------------------------------------------
 
 def _task_regularizers(cfg: TrainConfig) -> Dict[str, list]:
-    """Per task: aux losses, then SMART (global block overridden per task) when configured."""
+    """Per task: aux losses, then SMART when :meth:`TrainConfig.smart_for` says it is on."""
     out = {}
     for task in cfg.tasks:
         regs = build_regularizers(task.aux_losses)
-        smart = None
-        if cfg.smart is not None or task.smart is not None:
-            smart = {**(cfg.smart or {}), **(task.smart or {})}
-        if smart is not None and smart.get("enabled", True):
+        smart = cfg.smart_for(task.name)
+        if smart is not None:
             import minbert.smart  # noqa: F401  (registers "smart")
 
-            options = {k: v for k, v in smart.items() if k != "enabled"}
             try:
-                regs.append(REGULARIZERS["smart"](task=task.name, kind=task.kind, **options))
+                regs.append(REGULARIZERS["smart"](task=task.name, kind=task.kind, **smart.options()))
             except TypeError as e:
                 raise ConfigError(f"smart (task {task.name}): {e}") from None
         out[task.name] = regs

@@ -112,6 +112,34 @@ def test_unknown_option_and_config_errors():
         _task_regularizers(load_config(None, ["smart={rule: fgsm}"]))
 
 
+def test_smart_for_merges_the_global_block_with_the_task_block():
+    from minbert.distributed.sharded import ZeRO3UnsupportedError, check_stage3_regularizers
+    from minbert.train_config import SmartConfig
+
+    assert {f.name for f in dataclasses.fields(SmartConfig)} == {"enabled", *SMART.OPTIONS}
+    cfg = load_config(None, ["smart={lambda_s: 2.0, mu: 0.5, sigma: 1e-5}", "tasks.sts.smart={lambda_s: 5, layer: 1}",
+                             "tasks.quora.smart={enabled: false}"])
+    assert cfg.smart_for("sst").options() == {"lambda_s": 2.0, "mu": 0.5, "sigma": 1e-5}
+    assert cfg.smart_for("sts").options() == {"lambda_s": 5.0, "mu": 0.5, "sigma": 1e-5, "layer": 1}
+    assert cfg.smart_for("quora") is None
+    # the saved config lists only the options a block gives, and reads back the same
+    assert cfg.to_dict()["smart"] == {"lambda_s": 2.0, "mu": 0.5, "sigma": 1e-5}
+    assert [t["smart"] for t in cfg.to_dict()["tasks"]] == [None, {"enabled": False}, {"lambda_s": 5.0, "layer": 1}]
+    assert load_config(None, ["smart={}"]).smart_for("sst") == SmartConfig()
+    assert load_config(None, []).smart_for("sst") is None
+    # on for a task only through its own block; off everywhere under a global enabled: false
+    only_sts = load_config(None, ["smart={enabled: false}", "tasks.sts.smart={enabled: true}"])
+    assert [only_sts.smart_for(t) is not None for t in ("sst", "quora", "sts")] == [False, False, True]
+    off = load_config(None, ["smart={enabled: false}", "tasks.sts.smart={mu: 0.5}"])
+    assert all(off.smart_for(t) is None for t in ("sst", "quora", "sts"))
+    # ZeRO-3's refusal asks the same question
+    check_stage3_regularizers(3, off)
+    with pytest.raises(ZeRO3UnsupportedError, match="smart is not supported"):
+        check_stage3_regularizers(3, only_sts)
+    with pytest.raises(ConfigError, match="smart.lamda_s"):
+        load_config(None, ["smart={lamda_s: 1.0}"])
+
+
 def test_layer_beyond_the_encoder_is_refused(tokenizer):
     model = make_model()
     with pytest.raises(ConfigError, match=r"option 'layer' must be in \[0, 1\]"):
