@@ -47,7 +47,7 @@ def from_probabilities(task_kind: str, mean: torch.Tensor) -> torch.Tensor:
 
 
 def average_members(task: str, task_kind: str, results: Sequence[Dict[str, list]]) -> Dict[str, list]:
-    """One task's ensemble from each member's :func:`minbert.train.predict` result (with ``outputs``).
+    """One task's ensemble from each member's :func:`minbert.evaluate.predict` result (with ``outputs``).
 
     Members must have scored the same examples: the ids are matched, and a member missing an id or
     holding an extra one is an error naming both."""
@@ -85,7 +85,9 @@ def score_checkpoints(checkpoints: Sequence[str], splits: Sequence[str] = ("dev"
     One checkpoint gives its own predictions; several give their ensemble (:func:`average_members`):
     each task (and split) is averaged over the members that hold it, so single-task specialists can
     join a multitask model. Each member is loaded, run with its own config and freed before the next one."""
-    from .train import load_model_dir, load_task_data, predict_splits
+    from .evaluate import predict_splits
+    from .run_dir import load_model_dir
+    from .train import load_task_data
 
     if not checkpoints:
         raise EnsembleError("ensemble: no checkpoints given")

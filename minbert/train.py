@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -34,10 +33,12 @@ from . import data as data_lib
 from .engine import LocalEngine, build_adamw, param_groups
 from .finetune import count_parameters, set_trainable
 from .losses import build_loss
-from .metrics import append_jsonl, confusion_matrix, overall_score, plot_confusion, plot_curves, task_metric, write_predictions
+from .evaluate import autocast_context, evaluate
+from .metrics import append_jsonl
 from .model import BertModel
-from .multitask import MultitaskModel, predict_from_output
+from .multitask import MultitaskModel
 from .ema import ParameterEMA
+from .run_dir import finish_run, keep_top_k, prune_top_k, save_model_dir
 from .regularizers import REGULARIZERS, RegularizerContext, build_regularizers
 from .schedules import build_lr_scheduler, build_task_sampler
 from .tokenizer import Tokenizer
@@ -97,152 +98,6 @@ def load_task_data(cfg: TrainConfig, log=print) -> Dict[str, Dict[str, Optional[
                 td.examples = sorted(rng.sample(td.examples, n), key=lambda e: e.line)
         out[task.name] = splits
     return out
-
-
-# --- checkpoints of the best model --------------------------------------------------------------
-
-def save_model_dir(directory: Path, model: MultitaskModel, cfg: TrainConfig, tokenizer: Tokenizer, extra: Dict) -> None:
-    """Write a self-contained model folder atomically (a temporary folder renamed into place).
-
-    Layout: ``encoder/`` (HF format: config.json, model.safetensors), ``multitask.safetensors``
-    (all weights: encoder, adapters, heads), ``train_config.yaml``, tokenizer files, ``info.json``.
-    """
-    from safetensors.torch import save_model
-
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.bert.save_pretrained(tmp / "encoder")
-    save_model(model, str(tmp / "multitask.safetensors"))  # de-duplicates shared modules (relational)
-    tokenizer.save_pretrained(tmp)
-    with open(tmp / "train_config.yaml", "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    with open(tmp / "info.json", "w", encoding="utf-8") as f:
-        json.dump(extra, f, indent=2)
-    old = directory.with_name(f".{directory.name}.old")
-    if directory.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def keep_top_k(top: List[List[float]], k: int, overall: float, step: int) -> bool:
-    """Add ``(overall, step)`` to ``top`` (the k best by dev overall, best first; ties keep the earlier
-    step) if it ranks among the k best; returns whether it does. ``top`` is changed in place."""
-    if any(int(s) == step for _, s in top):  # the same step evaluated again (a resumed run's final eval)
-        return False
-    if len(top) >= k and overall <= top[-1][0]:
-        return False
-    top.append([overall, step])
-    top.sort(key=lambda item: (-item[0], item[1]))
-    del top[k:]
-    return True
-
-
-def prune_top_k(directory: Path, top: List[List[float]]) -> None:
-    """Remove the ``step-<N>`` folders under ``directory`` that are no longer in ``top``."""
-    keep = {f"step-{int(step)}" for _, step in top}
-    for child in Path(directory).glob("step-*"):
-        if child.name not in keep:
-            shutil.rmtree(child)
-
-
-def load_model_dir(directory, device="cpu", attn_implementation: Optional[str] = None):
-    """Rebuild (model, cfg, tokenizer) from a folder written by :func:`save_model_dir`."""
-    from safetensors.torch import load_model
-
-    from .bert_config import BertConfig
-    from .train_config import load_config
-
-    directory = Path(directory)
-    if not (directory / "multitask.safetensors").is_file():
-        raise FileNotFoundError(f"{directory} is not a minbert model folder (multitask.safetensors is missing)")
-    cfg = load_config(directory / "train_config.yaml")
-    if attn_implementation:
-        cfg.attn_implementation = attn_implementation
-    bert_cfg = BertConfig.from_json_file(directory / "encoder" / "config.json", attn_implementation=cfg.attn_implementation)
-    model = MultitaskModel(BertModel(bert_cfg), cfg.tasks)
-    set_trainable(model, cfg)
-    load_model(model, str(directory / "multitask.safetensors"))
-    tokenizer = Tokenizer.from_pretrained(directory)
-    return model.to(device).eval(), cfg, tokenizer
-
-
-# --- evaluation -------------------------------------------------------------------------------
-
-def autocast_context(mode: Optional[str], device) -> contextlib.AbstractContextManager:
-    """The mixed-precision context of ``cfg.autocast`` on ``device``: ``torch.autocast`` in bfloat16
-    for ``"bf16"``, a null context for ``None`` (fp32).
-
-    Under autocast the matmuls (linear, attention) run in bf16 -- on a CPU with AMX or AVX512-BF16
-    through oneDNN, on a GPU through its tensor cores -- while the weights, their gradients and the
-    optimizer state stay fp32 and the task outputs come back in fp32 (:meth:`MultitaskModel.forward`),
-    so losses, metrics and SMART's divergences are computed in fp32.
-    """
-    if mode is None:
-        return contextlib.nullcontext()
-    if mode != "bf16":
-        raise ConfigError(f"autocast: {mode!r} is not valid; expected one of [None, 'bf16']")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"autocast: 'bf16' needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} "
-                          f"has none (use autocast: null)")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-@torch.no_grad()
-def predict(model: MultitaskModel, loader, device, autocast: Optional[str] = None) -> Dict[str, list]:
-    """Run the model over a loader: ids, predictions, labels (None for unlabelled files) and the
-    raw task outputs (logits or scores, for ensembles).
-
-    ``autocast`` is the run's ``cfg.autocast`` (the precision the model was trained and selected in)."""
-    was_training = model.training
-    model.eval()
-    ids, preds, labels, outputs = [], [], [], []
-    for batch in loader:
-        batch = batch.to(device)
-        with autocast_context(autocast, device):
-            out = model(batch)
-            if batch.swapped is not None:  # symmetric evaluation: the mean output of both orders
-                out = 0.5 * (out + model(batch.swapped))
-        preds.extend(predict_from_output(batch.task, out).cpu().tolist())
-        outputs.extend(out.cpu().tolist())
-        ids.extend(batch.ids)
-        if batch.labels is not None:
-            labels.extend(batch.labels.cpu().tolist())
-    model.train(was_training)
-    return {"ids": ids, "preds": preds, "labels": labels if labels else None, "outputs": outputs}
-
-
-def summarize(scores: Dict[str, Dict[str, float]]) -> Dict[str, float]:
-    """Flatten per-task metrics and add the CS224N overall score when SST, Quora and STS are all there."""
-    flat = {}
-    for task, metrics in scores.items():
-        for k, v in metrics.items():
-            flat[f"{task}/{k}"] = v
-    if all(t in scores for t in ("sst", "quora", "sts")):
-        flat["overall"] = overall_score(scores["sst"]["accuracy"], scores["quora"]["accuracy"], scores["sts"]["pearson"])
-    else:  # the same normalisation, averaged over the tasks present
-        parts = [(m["pearson"] + 1) / 2 if "pearson" in m else m["accuracy"] for m in scores.values()]
-        flat["overall"] = float(sum(parts) / len(parts)) if parts else float("nan")
-    return flat
-
-
-def score(results: Dict[str, dict]) -> Dict[str, float]:
-    """Flat metrics (:func:`summarize`) of ``{task: predict() result}``; unlabelled results are left out."""
-    return summarize({task: task_metric(task, r["preds"], r["labels"]) for task, r in results.items()
-                      if r["labels"] is not None})
-
-
-def evaluate(model: MultitaskModel, loaders: Dict, device, autocast: Optional[str] = None
-             ) -> (Dict[str, float], Dict[str, dict]):
-    outputs = {task: predict(model, loader, device, autocast) for task, loader in loaders.items()}
-    return score(outputs), outputs
 
 
 # --- the trainer ------------------------------------------------------------------------------
@@ -575,49 +430,3 @@ def _weighting_options(cfg: TrainConfig) -> Dict:
     if cfg.weighting.name in ("uncertainty", "dev_score") and "task_kinds" not in options:
         options["task_kinds"] = {t.name: ("regression" if t.kind == "regression" else "classification") for t in cfg.tasks}
     return options
-
-
-def finish_run(run_dir: Path, model, cfg, tokenizer, datasets, device, log) -> None:
-    """Predictions of the best model for dev and test files, and the plots."""
-    from .metrics import read_jsonl
-
-    best_dir = run_dir / "best"
-    if cfg.predict and best_dir.exists():
-        best_model, _, _ = load_model_dir(best_dir, device=device, attn_implementation=cfg.attn_implementation)
-        write_all_predictions(best_model, cfg, tokenizer, datasets, run_dir / "predictions", device)
-        log(f"predictions written to {run_dir / 'predictions'}")
-    records = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    if records:
-        plot_curves(records, run_dir / "curves.png")
-    if "sst" in [t.name for t in cfg.tasks] and datasets["sst"].get("dev") is not None and best_dir.exists():
-        best_model, _, _ = load_model_dir(best_dir, device=device, attn_implementation=cfg.attn_implementation)
-        task = cfg.task("sst")
-        collate = data_lib.make_collate(tokenizer, "sst", task.max_length)
-        result = predict(best_model, data_lib.TaskLoader(datasets["sst"]["dev"], 64, collate, shuffle=False), device,
-                         cfg.autocast)
-        cm = confusion_matrix(result["preds"], result["labels"], 5)
-        plot_confusion(cm, ["0", "1", "2", "3", "4"], run_dir / "sst_confusion.png")
-
-
-def predict_splits(model, cfg, tokenizer, datasets, splits=("dev", "test"), device="cpu") -> Dict[tuple, dict]:
-    """``{(task, split): predict() result}`` for every configured task and each split it has a file for."""
-    results = {}
-    for task in cfg.tasks:
-        collate = task.collate(tokenizer, evaluation=True)
-        for split in splits:
-            td = datasets[task.name].get(split)
-            if td is not None:
-                results[(task.name, split)] = predict(model, data_lib.TaskLoader(td, 64, collate, shuffle=False),
-                                                      device, cfg.autocast)
-    return results
-
-
-def write_results(results: Dict[tuple, dict], out_dir: Path) -> Dict[str, Path]:
-    """CS224N prediction files ``<task>-<split>-output.csv`` for ``{(task, split): result}``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return {f"{task}-{split}": write_predictions(out_dir / f"{task}-{split}-output.csv", task, r["ids"], r["preds"])
-            for (task, split), r in results.items()}
-
-
-def write_all_predictions(model, cfg, tokenizer, datasets, out_dir: Path, device) -> Dict[str, Path]:
-    return write_results(predict_splits(model, cfg, tokenizer, datasets, ("dev", "test"), device), out_dir)

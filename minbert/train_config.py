@@ -282,7 +282,7 @@ class TrainConfig:
     predict: bool = True  # write dev/test prediction files for the best model at the end
     ema: Optional[float] = None  # β of a moving average of the weights used for evaluation (e.g. 0.999)
     # mixed precision: null = fp32; "bf16" = torch.autocast(bfloat16) around every forward and loss
-    # (fp32 master weights and optimizer state; task outputs and losses in fp32). See minbert.train.autocast_context.
+    # (fp32 master weights and optimizer state; task outputs and losses in fp32). See minbert.evaluate.autocast_context.
     autocast: Optional[str] = None
 
     def validate(self) -> "TrainConfig":
