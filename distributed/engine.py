@@ -389,7 +389,7 @@ class DeepSpeedEngineAdapter(Engine):
 
 
 def build_engine(model, groups, make_scheduler, cfg, *, ds_config, rank, world_size, **kw) -> DeepSpeedEngineAdapter:
-    """The ``engine_builder`` that :func:`minbert.train.train` calls."""
+    """The ``engine_builder`` that :func:`minbert.train.train` passes to :func:`minbert.build.setup_engine`."""
     return DeepSpeedEngineAdapter(model, groups, make_scheduler, cfg, ds_config, rank=rank, world_size=world_size, **kw)
 
 

@@ -12,22 +12,35 @@ Layout of ``cfg.output_dir``::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
+import torch
 import yaml
 
 from . import data as data_lib
-from .evaluate import predict, predict_splits, write_results
+from .evaluate import evaluate, predict, predict_splits, write_results
 from .finetune import set_trainable
-from .metrics import confusion_matrix, plot_confusion, plot_curves, read_jsonl
+from .metrics import append_jsonl, confusion_matrix, plot_confusion, plot_curves, read_jsonl
 from .model import BertModel
 from .multitask import MultitaskModel
 from .tokenizer import Tokenizer
 from .train_config import TrainConfig
+
+
+def write_config(cfg: TrainConfig) -> Path:
+    """Create the run folder ``cfg.output_dir`` and write the resolved recipe to ``config.yaml`` in it."""
+    directory = Path(cfg.output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / "config.yaml", "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    return directory
 
 
 def save_model_dir(directory: Path, model: MultitaskModel, cfg: TrainConfig, tokenizer: Tokenizer, extra: Dict) -> None:
@@ -102,7 +115,120 @@ def prune_top_k(directory: Path, top: List[List[float]]) -> None:
             shutil.rmtree(child)
 
 
-def finish_run(run_dir: Path, model, cfg, tokenizer, datasets, device, log) -> None:
+class RunDir:
+    """The run folder and log of a training run, held by every rank.
+
+    Rank 0 alone writes (``metrics.jsonl``, ``best/``, ``top/``) and shows the progress bar; every
+    rank takes part in what needs all of them: the means over ranks of logged values and the
+    gathering of ZeRO-3 parameters for a save. Train losses and regularizer terms collect in a
+    window that :meth:`log_step` averages and empties every ``cfg.log_every`` steps.
+    """
+
+    def __init__(self, cfg: TrainConfig, tokenizer: Tokenizer, engine, steps_per_epoch: int, total_steps: int,
+                 start_step: int = 0, is_main: bool = True, log: Callable[[str], None] = print):
+        self.path = Path(cfg.output_dir)
+        self.cfg, self.tokenizer, self.engine, self.is_main, self.log = cfg, tokenizer, engine, is_main, log
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.progress = None
+        if is_main and not cfg.quiet:
+            from tqdm import tqdm
+
+            self.progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        self._new_window()
+
+    def _new_window(self) -> None:
+        self.losses: Dict[str, List[float]] = {}
+        self.terms: Dict[str, List[float]] = {}
+        self.examples = 0
+        self.t0 = time.perf_counter()
+
+    def _write(self, record: Dict) -> None:
+        append_jsonl(self.path / "metrics.jsonl", record)
+
+    # --- train -----------------------------------------------------------------------------------
+    def add(self, losses: Dict[str, float], terms: Dict[str, float]) -> None:
+        """One micro-batch's task losses and regularizer terms (``task/term``) for the window."""
+        for t, v in losses.items():
+            self.losses.setdefault(t, []).append(v)
+        for k, v in terms.items():
+            self.terms.setdefault(k, []).append(v)
+
+    def log_step(self, step: int, lr: float, regularizers: Dict[str, Sequence]) -> None:
+        """After optimizer step ``step``: advance the progress bar; every ``log_every`` steps (and at the
+        last) write the window's means over steps and ranks, the examples per second and the
+        regularizers' counters."""
+        if self.progress is not None:
+            self.progress.update(1)
+        if (step + 1) % self.cfg.log_every and step + 1 != self.total_steps:
+            return
+        rate = self.examples * self.engine.world_size / max(time.perf_counter() - self.t0, 1e-9)
+        loss_means = self.engine.rank_mean({t: float(np.mean(v)) for t, v in self.losses.items()})
+        term_means = self.engine.rank_mean({k: float(np.mean(v)) for k, v in self.terms.items()})
+        if self.is_main:
+            for t in self.losses:
+                rec = {"step": step + 1, "epoch": (step + 1) / self.steps_per_epoch, "split": "train", "task": t,
+                       "loss": loss_means[t], "lr": lr, "examples_per_s": rate}
+                rec.update({k.split("/", 1)[1]: v for k, v in term_means.items() if k.startswith(f"{t}/")})
+                self._write(rec)
+            for reg in (r for regs in regularizers.values() for r in regs):
+                if reg.stats():
+                    self._write({"step": step + 1, "split": "train", **reg.stats()})
+            summary = " ".join(f"{t}={v:.3f}" for t, v in loss_means.items())
+            if self.progress is not None:
+                self.progress.set_postfix_str(f"{summary} lr={lr:.2e} {rate:.0f} ex/s")
+            elif self.cfg.quiet:
+                self.log(f"step {step + 1}/{self.total_steps} loss {summary} lr={lr:.2e} {rate:.0f} ex/s")
+        self._new_window()
+
+    def log_skip(self, step: int, tasks: Sequence[str], nan_run: int, nan_total: int) -> None:
+        """A step skipped for a non-finite loss or gradient."""
+        self.log(f"warning: step {step}: non-finite loss or gradient in tasks {tasks}; step skipped "
+                 f"({nan_run} in a row, {nan_total} in total)")
+        if self.is_main:
+            self._write({"step": step, "split": "train", "event": "nonfinite_skip", "consecutive": nan_run,
+                         "total": nan_total})
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+    # --- dev -------------------------------------------------------------------------------------
+    def evaluate(self, step: int, model, loaders: Dict, state, ema=None) -> Dict[str, float]:
+        """Dev metrics before step ``step``, logged; the model is kept (:meth:`keep`) when it ranks.
+        With ``ema`` the moving average is evaluated and kept; training goes on from the weights."""
+        with ema.swapped_in(model) if ema is not None else contextlib.nullcontext():
+            metrics, _ = evaluate(model, loaders, torch.device(self.cfg.device), self.cfg.autocast)
+            if self.is_main:
+                for t in loaders:
+                    rec = {"step": step, "epoch": step / self.steps_per_epoch, "split": "dev", "task": t,
+                           "overall": metrics["overall"]}
+                    rec.update({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{t}/")})
+                    self._write(rec)
+                self.log(f"step {step}: dev " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            self.keep(step, metrics, state, model)
+        return metrics
+
+    def keep(self, step: int, metrics: Dict[str, float], state, model) -> None:
+        """``best/`` when dev overall beats ``state.best`` (``cfg.save_best``), ``top/step-<N>/`` when it
+        ranks among the ``cfg.save_top_k`` best; updates ``state.best`` and ``state.top``."""
+        cfg = self.cfg
+        new_best = metrics["overall"] > state.best
+        if new_best:
+            state.best = metrics["overall"]
+        in_top = bool(cfg.save_top_k) and keep_top_k(state.top, cfg.save_top_k, metrics["overall"], step)
+        if (new_best and cfg.save_best) or in_top:
+            # ZeRO-3 keeps parameters partitioned: every rank takes part in gathering them (once for both saves)
+            with self.engine.full_parameters():
+                if self.is_main:
+                    info = {"step": step, "dev": metrics}
+                    if new_best and cfg.save_best:
+                        save_model_dir(self.path / "best", model, cfg, self.tokenizer, info)
+                    if in_top:
+                        save_model_dir(self.path / "top" / f"step-{step}", model, cfg, self.tokenizer, info)
+                        prune_top_k(self.path / "top", state.top)
+
+
+def finish_run(run_dir: Path, cfg, tokenizer, datasets, device, log) -> None:
     """Predictions of the best model for dev and test files, and the plots."""
     best_dir = run_dir / "best"
     if cfg.predict and best_dir.exists():

@@ -199,9 +199,9 @@ def test_symmetric_eval_predicts_from_the_mean_of_both_orders(tiny_checkpoint):
 
 
 def _nan_loss_after(monkeypatch, bad_steps):
-    import minbert.train as train_mod
+    import minbert.build as build_mod
 
-    real = train_mod.build_loss
+    real = build_mod.build_loss
     calls = {"n": 0}
 
     def build(name, **options):
@@ -214,7 +214,7 @@ def _nan_loss_after(monkeypatch, bad_steps):
 
         return wrapped
 
-    monkeypatch.setattr(train_mod, "build_loss", build)
+    monkeypatch.setattr(build_mod, "build_loss", build)
 
 
 def test_nan_loss_is_skipped_and_counted(tiny_checkpoint, tmp_path, monkeypatch):
