@@ -15,7 +15,8 @@ from pathlib import Path
 from minbert import data as data_lib
 from minbert.heads import HybridHead
 from minbert.metrics import task_metric
-from minbert.train import load_model_dir, predict
+from minbert.evaluate import predict
+from minbert.run_dir import load_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -31,7 +31,8 @@ def sst_train_accuracy(run_dir: Path, cfg, limit: int = 2000) -> float:
     """Accuracy of the best model on (a seeded sample of) the SST training split: the train side of the gap."""
     from minbert import data as data_lib
     from minbert.metrics import accuracy
-    from minbert.train import load_model_dir, predict
+    from minbert.evaluate import predict
+    from minbert.run_dir import load_model_dir
 
     model, mcfg, tok = load_model_dir(run_dir / "best")
     task = mcfg.task("sst")
@@ -80,7 +81,7 @@ def ensemble(args, argv) -> int:
 
     Snapshots of one run count that run's training time once."""
     from minbert.ensemble import score_checkpoints
-    from minbert.train import score
+    from minbert.evaluate import score
 
     specs = [_member(spec) for spec in args.ensemble]
     runs = list(dict.fromkeys(run for run, _ in specs))

@@ -41,7 +41,7 @@ from minbert import BertModel
 from minbert.data import Batch
 from minbert.multitask import MultitaskModel
 from minbert.smart import SMART
-from minbert.train import autocast_context
+from minbert.evaluate import autocast_context
 from minbert.train_config import TaskConfig
 
 BATCH, LENGTH = 32, 48

@@ -7,7 +7,7 @@ state dict: for ZeRO stages 1-3 (and any bf16/fp16 run) from the fp32 partitions
 DeepSpeed's ``zero_to_fp32`` utilities, for fp32 ZeRO-0 from the module weights, which are the
 fp32 weights themselves. It runs on one process, without a process group.
 
-:func:`export_hf` writes the folder :func:`minbert.train.save_model_dir` writes: ``encoder/`` in
+:func:`export_hf` writes the folder :func:`minbert.run_dir.save_model_dir` writes: ``encoder/`` in
 the Hugging Face format (``config.json`` + ``model.safetensors``, loadable by
 ``minbert.BertModel.from_pretrained`` and ``transformers.BertModel.from_pretrained``), the heads
 in ``multitask.safetensors``, the recipe and the tokenizer, so ``minbert evaluate/predict`` take it.
@@ -88,7 +88,7 @@ def _rebuild(cfg):
 def export_hf(checkpoint_dir, out_dir, tag: Optional[str] = None, run_dir=None) -> Path:
     """Write the consolidated fp32 model of a DeepSpeed checkpoint as a minbert model folder."""
     from minbert.tokenizer import Tokenizer
-    from minbert.train import save_model_dir
+    from minbert.run_dir import save_model_dir
     from minbert.train_config import load_config
 
     checkpoint_dir = Path(checkpoint_dir)
@@ -115,7 +115,7 @@ def export_live(adapter, cfg, out_dir) -> Optional[Path]:
     import torch.distributed as dist
 
     from minbert.tokenizer import Tokenizer
-    from minbert.train import save_model_dir
+    from minbert.run_dir import save_model_dir
 
     model = adapter.model
     ctx = contextlib.nullcontext()

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine behind the trainer's engine interface (see :class:`minbert.engine.LocalEngine`).
+"""The DeepSpeed engine behind the trainer's engine interface (:class:`minbert.engine.Engine`).
 
 ``DeepSpeedEngineAdapter`` wraps ``deepspeed.initialize(model, model_parameters=param groups,
 optimizer, lr_scheduler, config)``. How the trainer's calls map onto DeepSpeed:
@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from minbert.engine import build_adamw
+from minbert.engine import Engine, build_adamw
 
 from . import sharded
 from .config import DeepSpeedConfigError, offloads_optimizer, precision_of, zero_stage
@@ -70,7 +70,7 @@ RANK_LOCAL = ("rng", "regularizers", "ema")
 logger = logging.getLogger("minbert.distributed")
 
 
-class DeepSpeedEngineAdapter:
+class DeepSpeedEngineAdapter(Engine):
     """The trainer's engine interface around a ``deepspeed.DeepSpeedEngine``."""
 
     def __init__(self, model: nn.Module, groups: List[Dict], make_scheduler, cfg, ds_config: Dict[str, Any],
@@ -389,7 +389,7 @@ class DeepSpeedEngineAdapter:
 
 
 def build_engine(model, groups, make_scheduler, cfg, *, ds_config, rank, world_size, **kw) -> DeepSpeedEngineAdapter:
-    """The ``engine_builder`` that :func:`minbert.train.train` calls."""
+    """The ``engine_builder`` that :func:`minbert.train.train` passes to :func:`minbert.build.setup_engine`."""
     return DeepSpeedEngineAdapter(model, groups, make_scheduler, cfg, ds_config, rank=rank, world_size=world_size, **kw)
 
 

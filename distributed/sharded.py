@@ -48,9 +48,7 @@ def check_stage3_regularizers(stage: int, cfg) -> None:
     """SMART keeps a teacher copy of the trainable parameters and runs the model on it, and ``ema``
     swaps a weight average in for evaluation; under ZeRO-3 the parameters they would copy are empty
     partitions."""
-    uses_smart = (cfg.smart is not None and cfg.smart.get("enabled", True)) or any(
-        t.smart is not None and t.smart.get("enabled", True) for t in cfg.tasks)
-    if stage == 3 and uses_smart:
+    if stage == 3 and any(cfg.smart_for(t.name) is not None for t in cfg.tasks):
         raise ZeRO3UnsupportedError(
             "smart is not supported with ZeRO stage 3: its Bregman teacher copies the trainable parameters and "
             "runs the model with them, but under ZeRO-3 each rank only holds empty placeholders for parameters it "

@@ -41,7 +41,7 @@ def _scored(args, splits):
 
 
 def _evaluate(args) -> int:
-    from .train import score
+    from .evaluate import score
 
     _, scored = _scored(args, ("dev",))
     metrics = score({task: r for (task, _), r in scored.items()})
@@ -52,7 +52,7 @@ def _evaluate(args) -> int:
 
 
 def _predict(args) -> int:
-    from .train import write_results
+    from .evaluate import write_results
 
     _, scored = _scored(args, ("dev", "test"))
     out = Path(args.out or Path(args.checkpoint[0]).parent / ("predictions" if len(args.checkpoint) == 1

@@ -1,11 +1,14 @@
-"""The optimisation engine behind one interface: ``backward(loss)``, ``step()``, ``state_dict()``.
+"""The optimisation engine behind one interface, :class:`Engine`: every method the trainer calls.
 
 :class:`LocalEngine` is single-process torch (AdamW with decoupled weight decay, gradient
-clipping, an LR scheduler). ``minbert.distributed`` provides the DeepSpeed ZeRO engine with the
-same methods, so the trainer runs unchanged under either.
+clipping, an LR scheduler). ``minbert.distributed`` provides the DeepSpeed ZeRO engine
+(:class:`minbert.distributed.engine.DeepSpeedEngineAdapter`), another subclass, so the trainer
+runs unchanged under either.
 """
 from __future__ import annotations
 
+import abc
+import contextlib
 import warnings
 from typing import Dict, Iterable, List, Optional
 
@@ -95,12 +98,73 @@ def build_adamw(groups: List[Dict], lr: float, betas, eps: float, fused: Optiona
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **({"fused": True} if fused else {}))
 
 
-class LocalEngine:
-    """Single-process engine: gradients accumulate in ``.grad``; ``step`` clips, steps and zeroes."""
+class Engine(abc.ABC):
+    """What the trainer calls on an engine, in the order of one training step::
 
-    world_size = 1
+        weighting = engine.wrap_weighting(weighting)      # once, at set-up
+        engine.backward(loss)                             # grad_accum times (through the weighting)
+        if engine.all_true(finite) and isfinite(engine.clip_grad_norm()):
+            engine.optimizer_step()
+        else:
+            engine.skip_step()
+
+    The methods with a body are right for one process; an engine over several ranks overrides them.
+    """
+
     rank = 0
+    world_size = 1
     is_main = True
+    model: nn.Module
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of ``loss`` (already divided by the accumulation steps)."""
+
+    @abc.abstractmethod
+    def clip_grad_norm(self) -> float:
+        """Finish the step's gradient and clip it; returns the norm before clipping (inf/nan when not finite)."""
+
+    @abc.abstractmethod
+    def optimizer_step(self) -> None:
+        """Optimizer step, LR scheduler step, gradients cleared."""
+
+    @abc.abstractmethod
+    def skip_step(self) -> None:
+        """Drop the step's gradients without updating; the LR schedule still advances."""
+
+    @property
+    @abc.abstractmethod
+    def lr(self) -> float:
+        """The learning rate of the first parameter group for the coming step."""
+
+    @abc.abstractmethod
+    def save_checkpoint(self, directory, client_state: Dict) -> None:
+        """Write a resumable checkpoint of the engine's state and the trainer's ``client_state``."""
+
+    @abc.abstractmethod
+    def load_checkpoint(self, directory) -> Dict:
+        """Restore what :meth:`save_checkpoint` wrote; returns the trainer's client state."""
+
+    def wrap_weighting(self, weighting):
+        """The loss weighting to use with this engine (an engine whose gradients live in shards
+        supplies its own gradient surgery)."""
+        return weighting
+
+    def all_true(self, flag: bool) -> bool:
+        """True only if ``flag`` is true on every rank (so that all ranks skip a step together)."""
+        return bool(flag)
+
+    def rank_mean(self, values: Dict[str, float]) -> Dict[str, float]:
+        """The mean over ranks of each value (the keys are the same on every rank)."""
+        return dict(values)
+
+    def full_parameters(self) -> contextlib.AbstractContextManager:
+        """A context in which the model's parameters are whole tensors, for saving; entered on every rank."""
+        return contextlib.nullcontext()
+
+
+class LocalEngine(Engine):
+    """Single-process engine: gradients accumulate in ``.grad``; ``step`` clips, steps and zeroes."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler=None, grad_clip: float = 0.0):
         self.model = model

@@ -48,7 +48,7 @@ def from_probabilities(task_kind: str, mean: torch.Tensor) -> torch.Tensor:
 
 
 def average_members(task: str, task_kind: str, results: Sequence[Dict[str, list]]) -> Dict[str, list]:
-    """One task's ensemble from each member's :func:`minbert.train.predict` result (with ``outputs``).
+    """One task's ensemble from each member's :func:`minbert.evaluate.predict` result (with ``outputs``).
 
     Members must have scored the same examples: the ids are matched, and a member missing an id or
     holding an extra one is an error naming both."""
@@ -86,7 +86,9 @@ def score_checkpoints(checkpoints: Sequence[str], splits: Sequence[str] = ("dev"
     One checkpoint gives its own predictions; several give their ensemble (:func:`average_members`):
     each task (and split) is averaged over the members that hold it, so single-task specialists can
     join a multitask model. Each member is loaded, run with its own config and freed before the next one."""
-    from .train import load_model_dir, load_task_data, predict_splits
+    from .build import load_task_data
+    from .evaluate import predict_splits
+    from .run_dir import load_model_dir
 
     if not checkpoints:
         raise EnsembleError("ensemble: no checkpoints given")
@@ -100,7 +102,8 @@ def score_checkpoints(checkpoints: Sequence[str], splits: Sequence[str] = ("dev"
         for task in cfg.tasks:  # score the full dev sets
             task.max_dev_examples = None
         configs.append(cfg)
-        members.append(predict_splits(model, cfg, tokenizer, load_task_data(cfg), splits, device))
+        datasets = load_task_data(cfg.tasks, cfg.data, cfg.seed)
+        members.append(predict_splits(model, cfg, tokenizer, datasets, splits, device))
         del model
     kinds = {t.name: t.kind for cfg in configs for t in cfg.tasks}
     keys = list(dict.fromkeys(key for m in members for key in m))  # first member's order, then the others'

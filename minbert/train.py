@@ -1,4 +1,4 @@
-"""The multitask training loop.
+"""The multitask training loop: :class:`TrainState`, :func:`train_step` and :func:`train`.
 
 One flat loop in a fixed order (nanoGPT style)::
 
@@ -7,624 +7,215 @@ One flat loop in a fixed order (nanoGPT style)::
         eval/ckpt     dev evaluation, best checkpoint, resumable checkpoint when due
         forward       tasks_for_step(step) -> one batch per task -> task loss + regularizer terms
         backward      weighting.backward(losses)  (sum, weights, PCGrad, ...) through the engine
-        clip + step   engine.step()  (single process, or DeepSpeed ZeRO)
+        clip, step    engine.clip_grad_norm(), engine.optimizer_step()  (single process, or DeepSpeed ZeRO)
         log           metrics.jsonl, progress bar
 
-Every method (task schedule, loss weighting, regularizer, fine-tune mode, engine) is an object
-behind its own interface; the loop never branches on method names.
+The set-up is in :mod:`minbert.build`, evaluation in :mod:`minbert.evaluate`, the run folder and
+its log in :mod:`minbert.run_dir`. Every method (task schedule, loss weighting, regularizer,
+fine-tune mode, engine) is an object behind its own interface; the loop never branches on names.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
+import functools
 import math
-import os
 import random
-import shutil
-import time
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-import yaml
 
-from . import data as data_lib
-from .engine import LocalEngine, build_adamw, param_groups
-from .finetune import count_parameters, set_trainable
-from .losses import build_loss
-from .metrics import confusion_matrix, overall_score, task_metric
-from .model import BertModel
-from .plots import plot_confusion, plot_curves
-from .prediction_files import append_jsonl, write_predictions
-from .multitask import MultitaskModel, predict_from_output
+from . import build
+from .data import TaskLoader
 from .ema import ParameterEMA
-from .regularizers import REGULARIZERS, RegularizerContext, build_regularizers
-from .lr_schedules import build_lr_scheduler
-from .task_schedules import build_task_sampler
-from .tokenizer import Tokenizer
-from .train_config import ConfigError, TrainConfig
-from .weighting import build_weighting
-
-logger = logging.getLogger("minbert.train")
+from .engine import Engine
+from .evaluate import autocast_context
+from .run_dir import RunDir, finish_run, write_config
+from .task_schedules import TaskSampler
+from .train_config import TrainConfig
+from .weighting import Weighting
 
 
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. too many non-finite losses in a row)."""
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    torch.manual_seed(seed)
+@dataclass
+class TrainState:
+    """Everything a resumed run restores besides the engine's own state (weights, optimizer, LR schedule).
 
-
-def rng_state() -> Dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def set_rng_state(state: Dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-# --- data ---------------------------------------------------------------------------------------
-
-def load_task_data(cfg: TrainConfig, log=print) -> Dict[str, Dict[str, Optional[data_lib.TaskData]]]:
-    """Read train/dev/test files of every task; report what was skipped. Missing dev/test files are allowed."""
-    out = {}
-    for task in cfg.tasks:
-        files = task.files(cfg.data.dir)
-        splits = {}
-        for split, path in files.items():
-            if cfg.data.source == "hub":
-                splits[split] = data_lib.load_hub_task(task.name, {"train": "train", "dev": "validation", "test": "test"}[split],
-                                                       bad_rows=cfg.data.bad_rows)
-                continue
-            if path is None or not path.exists():
-                if split == "train":
-                    raise FileNotFoundError(f"tasks.{task.name}.train_file: {path} does not exist (data.dir={cfg.data.dir})")
-                splits[split] = None
-                continue
-            td = data_lib.read_task_file(path, task.name, bad_rows=cfg.data.bad_rows)
-            if td.num_skipped:
-                log(f"warning: {td.summary()}")
-            splits[split] = td
-        limit = {"train": task.max_train_examples, "dev": task.max_dev_examples}
-        for split, n in limit.items():
-            td = splits.get(split)
-            if n is not None and td is not None and len(td.examples) > n:
-                rng = random.Random(cfg.seed)
-                td.examples = sorted(rng.sample(td.examples, n), key=lambda e: e.line)
-        out[task.name] = splits
-    return out
-
-
-# --- checkpoints of the best model --------------------------------------------------------------
-
-def save_model_dir(directory: Path, model: MultitaskModel, cfg: TrainConfig, tokenizer: Tokenizer, extra: Dict) -> None:
-    """Write a self-contained model folder atomically (a temporary folder renamed into place).
-
-    Layout: ``encoder/`` (HF format: config.json, model.safetensors), ``multitask.safetensors``
-    (all weights: encoder, adapters, heads), ``train_config.yaml``, tokenizer files, ``info.json``.
+    :meth:`state_dict` is the trainer's part of a checkpoint, :meth:`load_state_dict` restores all of it.
     """
-    from safetensors.torch import save_model
 
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.bert.save_pretrained(tmp / "encoder")
-    save_model(model, str(tmp / "multitask.safetensors"))  # de-duplicates shared modules (relational)
-    tokenizer.save_pretrained(tmp)
-    with open(tmp / "train_config.yaml", "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    with open(tmp / "info.json", "w", encoding="utf-8") as f:
-        json.dump(extra, f, indent=2)
-    old = directory.with_name(f".{directory.name}.old")
-    if directory.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(directory, old)
-    os.replace(tmp, directory)
-    if old.exists():
-        shutil.rmtree(old)
+    weighting: Weighting
+    loaders: Dict[str, TaskLoader]  # the train loaders (their epoch and position)
+    regularizers: Dict[str, list]
+    sampler: TaskSampler
+    ema: Optional[ParameterEMA] = None
+    step: int = 0  # the next step to run
+    best: float = -math.inf  # the best dev overall so far
+    top: List[List[float]] = field(default_factory=list)  # [[dev overall, step], ...] kept under top/ (save_top_k)
+    nan_run: int = 0  # steps skipped for a non-finite loss or gradient: in a row, and in total
+    nan_total: int = 0
+    epoch_losses: Dict[str, List[float]] = field(default_factory=dict)  # this epoch's train losses per task
+
+    def __post_init__(self):
+        self.epoch_losses = self.epoch_losses or {t: [] for t in self.loaders}
+
+    def state_dict(self) -> Dict:
+        return {
+            "step": self.step, "best": self.best, "top": self.top, "nan_run": self.nan_run, "nan_total": self.nan_total,
+            "epoch_losses": self.epoch_losses, "weighting": self.weighting.state_dict(),
+            "loaders": {t: loader.state_dict() for t, loader in self.loaders.items()},
+            "regularizers": {t: [r.state_dict() for r in regs] for t, regs in self.regularizers.items()},
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            "sampler": self.sampler.state_dict(), "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.step, self.best, self.top = state["step"], state["best"], [list(item) for item in state["top"]]
+        self.nan_run, self.nan_total, self.epoch_losses = state["nan_run"], state["nan_total"], state["epoch_losses"]
+        self.weighting.load_state_dict(state["weighting"])
+        for t, loader_state in state["loaders"].items():
+            self.loaders[t].load_state_dict(loader_state)
+        for t, states in state["regularizers"].items():
+            for reg, reg_state in zip(self.regularizers[t], states):
+                reg.load_state_dict(reg_state)
+        self.sampler.load_state_dict(state["sampler"])  # refuses a checkpoint of another schedule
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ValueError("--resume: the checkpoint was saved without 'ema'; resume with the run's own config")
+            self.ema.load_state_dict(state["ema"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
 
 
-def keep_top_k(top: List[List[float]], k: int, overall: float, step: int) -> bool:
-    """Add ``(overall, step)`` to ``top`` (the k best by dev overall, best first; ties keep the earlier
-    step) if it ranks among the k best; returns whether it does. ``top`` is changed in place."""
-    if any(int(s) == step for _, s in top):  # the same step evaluated again (a resumed run's final eval)
-        return False
-    if len(top) >= k and overall <= top[-1][0]:
-        return False
-    top.append([overall, step])
-    top.sort(key=lambda item: (-item[0], item[1]))
-    del top[k:]
+def train_step(model, micro_batches: List[list], losses: Dict[str, Callable], regularizers: Dict[str, list],
+               weighting: Weighting, engine: Engine, precision: Callable, update: int, state: TrainState,
+               run: RunDir) -> bool:
+    """Forward and backward of one update over a step's micro-batches (each: one batch per task).
+
+    ``precision()`` is the autocast context of forward and losses. Returns False, back-propagating
+    nothing more, as soon as a micro-batch's loss is not finite on some rank. The step's first
+    update (``update == 0``) logs the examples, losses and regularizer terms."""
+    grad_accum = len(micro_batches)
+    for batches in micro_batches:
+        task_losses, terms = {}, {}
+        for batch in batches:
+            t = batch.task
+            with precision():  # forward and losses; backward outside
+                for reg in regularizers[t]:
+                    reg.before_forward(model, batch)
+                output = model(batch)  # fp32 whatever the autocast (MultitaskModel.forward)
+                loss = losses[t](output, batch.labels)
+                for reg in regularizers[t]:
+                    for name, term in reg(model, batch, output).items():
+                        loss = loss + term
+                        terms[f"{t}/{name}"] = float(term.detach())
+            task_losses[t] = loss / grad_accum
+            if update == 0:
+                run.examples += batch.size
+        if not engine.all_true(all(bool(torch.isfinite(l.detach()).all()) for l in task_losses.values())):
+            return False
+        weighting.backward(task_losses, model.shared_parameters(), backward=engine.backward, update_index=update)
+        if update == 0:
+            logged = {t: float(l.detach()) * grad_accum for t, l in task_losses.items()}
+            run.add(logged, terms)
+            for t, v in logged.items():
+                state.epoch_losses[t].append(v)
     return True
 
 
-def prune_top_k(directory: Path, top: List[List[float]]) -> None:
-    """Remove the ``step-<N>`` folders under ``directory`` that are no longer in ``top``."""
-    keep = {f"step-{int(step)}" for _, step in top}
-    for child in Path(directory).glob("step-*"):
-        if child.name not in keep:
-            shutil.rmtree(child)
+def train(cfg: TrainConfig, resume: Optional[str] = None, engine_builder: Optional[Callable] = None, rank: int = 0,
+          world_size: int = 1, log: Optional[Callable[[str], None]] = None, stop_at_step: Optional[int] = None
+          ) -> Dict[str, float]:
+    """Fine-tune ``cfg.tasks`` on one encoder; returns the best dev overall and the last dev metrics.
 
-
-def load_model_dir(directory, device="cpu", attn_implementation: Optional[str] = None):
-    """Rebuild (model, cfg, tokenizer) from a folder written by :func:`save_model_dir`."""
-    from safetensors.torch import load_model
-
-    from .bert_config import BertConfig
-    from .train_config import load_config
-
-    directory = Path(directory)
-    if not (directory / "multitask.safetensors").is_file():
-        raise FileNotFoundError(f"{directory} is not a minbert model folder (multitask.safetensors is missing)")
-    cfg = load_config(directory / "train_config.yaml")
-    if attn_implementation:
-        cfg.attn_implementation = attn_implementation
-    bert_cfg = BertConfig.from_json_file(directory / "encoder" / "config.json", attn_implementation=cfg.attn_implementation)
-    model = MultitaskModel(BertModel(bert_cfg), cfg.tasks)
-    set_trainable(model, cfg)
-    load_model(model, str(directory / "multitask.safetensors"))
-    tokenizer = Tokenizer.from_pretrained(directory)
-    return model.to(device).eval(), cfg, tokenizer
-
-
-# --- evaluation -------------------------------------------------------------------------------
-
-def autocast_context(mode: Optional[str], device) -> contextlib.AbstractContextManager:
-    """The mixed-precision context of ``cfg.autocast`` on ``device``: ``torch.autocast`` in bfloat16
-    for ``"bf16"``, a null context for ``None`` (fp32).
-
-    Under autocast the matmuls (linear, attention) run in bf16 -- on a CPU with AMX or AVX512-BF16
-    through oneDNN, on a GPU through its tensor cores -- while the weights, their gradients and the
-    optimizer state stay fp32 and the task outputs come back in fp32 (:meth:`MultitaskModel.forward`),
-    so losses, metrics and SMART's divergences are computed in fp32.
-    """
-    if mode is None:
-        return contextlib.nullcontext()
-    if mode != "bf16":
-        raise ConfigError(f"autocast: {mode!r} is not valid; expected one of [None, 'bf16']")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"autocast: 'bf16' needs a GPU with bfloat16 support; {torch.cuda.get_device_name(device)} "
-                          f"has none (use autocast: null)")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-@torch.no_grad()
-def predict(model: MultitaskModel, loader, device, autocast: Optional[str] = None) -> Dict[str, list]:
-    """Run the model over a loader: ids, predictions, labels (None for unlabelled files) and the
-    raw task outputs (logits or scores, for ensembles).
-
-    ``autocast`` is the run's ``cfg.autocast`` (the precision the model was trained and selected in)."""
-    was_training = model.training
-    model.eval()
-    ids, preds, labels, outputs = [], [], [], []
-    for batch in loader:
-        batch = batch.to(device)
-        with autocast_context(autocast, device):
-            out = model(batch)
-            if batch.swapped is not None:  # symmetric evaluation: the mean output of both orders
-                out = 0.5 * (out + model(batch.swapped))
-        preds.extend(predict_from_output(batch.task, out).cpu().tolist())
-        outputs.extend(out.cpu().tolist())
-        ids.extend(batch.ids)
-        if batch.labels is not None:
-            labels.extend(batch.labels.cpu().tolist())
-    model.train(was_training)
-    return {"ids": ids, "preds": preds, "labels": labels if labels else None, "outputs": outputs}
-
-
-def summarize(scores: Dict[str, Dict[str, float]]) -> Dict[str, float]:
-    """Flatten per-task metrics and add the CS224N overall score when SST, Quora and STS are all there."""
-    flat = {}
-    for task, metrics in scores.items():
-        for k, v in metrics.items():
-            flat[f"{task}/{k}"] = v
-    if all(t in scores for t in ("sst", "quora", "sts")):
-        flat["overall"] = overall_score(scores["sst"]["accuracy"], scores["quora"]["accuracy"], scores["sts"]["pearson"])
-    else:  # the same normalisation, averaged over the tasks present
-        parts = [(m["pearson"] + 1) / 2 if "pearson" in m else m["accuracy"] for m in scores.values()]
-        flat["overall"] = float(sum(parts) / len(parts)) if parts else float("nan")
-    return flat
-
-
-def score(results: Dict[str, dict]) -> Dict[str, float]:
-    """Flat metrics (:func:`summarize`) of ``{task: predict() result}``; unlabelled results are left out."""
-    return summarize({task: task_metric(task, r["preds"], r["labels"]) for task, r in results.items()
-                      if r["labels"] is not None})
-
-
-def evaluate(model: MultitaskModel, loaders: Dict, device, autocast: Optional[str] = None
-             ) -> (Dict[str, float], Dict[str, dict]):
-    outputs = {task: predict(model, loader, device, autocast) for task, loader in loaders.items()}
-    return score(outputs), outputs
-
-
-# --- the trainer ------------------------------------------------------------------------------
-
-def _task_regularizers(cfg: TrainConfig) -> Dict[str, list]:
-    """Per task: aux losses, then SMART (global block overridden per task) when configured."""
-    out = {}
-    for task in cfg.tasks:
-        regs = build_regularizers(task.aux_losses)
-        smart = None
-        if cfg.smart is not None or task.smart is not None:
-            smart = {**(cfg.smart or {}), **(task.smart or {})}
-        if smart is not None and smart.get("enabled", True):
-            import minbert.smart  # noqa: F401  (registers "smart")
-
-            options = {k: v for k, v in smart.items() if k != "enabled"}
-            try:
-                regs.append(REGULARIZERS["smart"](task=task.name, kind=task.kind, **options))
-            except TypeError as e:
-                raise ConfigError(f"smart (task {task.name}): {e}") from None
-        out[task.name] = regs
-    everyone = [r for regs in out.values() for r in regs]
-    for reg in everyone:
-        reg.bind(everyone)
-    return out
-
-
-def train(
-    cfg: TrainConfig,
-    resume: Optional[str] = None,
-    engine_builder: Optional[Callable] = None,
-    rank: int = 0,
-    world_size: int = 1,
-    log: Optional[Callable[[str], None]] = None,
-    stop_at_step: Optional[int] = None,
-) -> Dict[str, float]:
-    """Fine-tune ``cfg.tasks`` on one encoder; returns the best dev metrics.
-
-    ``engine_builder(model, param_groups, scheduler_fn, cfg) -> engine`` swaps the single-process
-    engine for another with the same interface (``minbert.distributed`` passes DeepSpeed's).
+    ``engine_builder(model, param_groups, make_scheduler, cfg) -> Engine`` swaps the single-process
+    engine for another (``minbert.distributed`` passes DeepSpeed's); ``rank``/``world_size`` shard
+    the data. ``stop_at_step`` raises KeyboardInterrupt before that step (a killed run, for tests).
     """
     is_main = rank == 0
     log = log or (lambda msg: print(msg, flush=True) if is_main else None)
+    main_log = log if is_main else (lambda msg: None)
     device = torch.device(cfg.device)
     autocast_context(cfg.autocast, device)  # refuses bf16 on a GPU without it before anything is loaded
-    seed_everything(cfg.seed)
-    run_dir = Path(cfg.output_dir)
+    # set-up, in the order minbert.build states
+    build.seed_everything(cfg.seed)
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "config.yaml", "w", encoding="utf-8") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    regularizers = _task_regularizers(cfg)
-    loss_fns = _task_losses(cfg)
-
-    # data ------------------------------------------------------------------------------------
-    tokenizer = Tokenizer.from_pretrained(cfg.model)
-    datasets = load_task_data(cfg, log if is_main else (lambda m: None))
-    train_loaders, dev_loaders = {}, {}
-    for task in cfg.tasks:
-        train_loaders[task.name] = data_lib.TaskLoader(
-            datasets[task.name]["train"], task.batch_size, task.collate(tokenizer), shuffle=True, seed=cfg.seed,
-            bucket_by_length=cfg.data.bucket_by_length, rank=rank, world_size=world_size, swap_pairs=task.swap_pairs)
-        if datasets[task.name]["dev"] is not None:
-            dev_loaders[task.name] = data_lib.TaskLoader(
-                datasets[task.name]["dev"], max(64, task.batch_size), task.collate(tokenizer, evaluation=True),
-                shuffle=False, bucket_by_length=False)
-    for task in cfg.tasks:  # regularizers that read their own data (supervised SimCSE's NLI file)
-        context = RegularizerContext(task=task.name, data_dir=cfg.data.dir, bad_rows=cfg.data.bad_rows,
-                                     tokenizer=tokenizer, seed=cfg.seed, rank=rank, world_size=world_size,
-                                     log=log if is_main else (lambda m: None))
-        for reg in regularizers[task.name]:
-            reg.setup(context)
-    batches_per_epoch = {t: len(loader) for t, loader in train_loaders.items()}
-    names = [t.name for t in cfg.tasks]
-    sampler = build_task_sampler(cfg.schedule.kind, names, batches_per_epoch, seed=cfg.seed,
-                                 epoch_size=cfg.schedule.epoch_size, multiplier=cfg.schedule.multiplier,
-                                 order=cfg.schedule.order, **cfg.schedule.options)
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = getattr(sampler, "total_steps", None) or steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-
-    # model, optimizer, engine ---------------------------------------------------------------
-    bert = BertModel.from_pretrained(cfg.model, attn_implementation=cfg.attn_implementation)
-    model = MultitaskModel(bert, cfg.tasks)
-    loss_fns = {t: model.task_loss(t, fn) for t, fn in loss_fns.items()}
-    set_trainable(model, cfg)
-    model.to(device).train()
-    counts = count_parameters(model)
-    log(f"parameters: {counts['trainable']:,} trainable of {counts['total']:,} "
-        f"({100.0 * counts['trainable'] / counts['total']:.2f}%), finetune={cfg.finetune}")
-    weighting = build_weighting(cfg.weighting.name, names, **_weighting_options(cfg))
-    groups = param_groups(model, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.head_lr, weighting.parameters(),
-                          layer_decay=cfg.optim.layer_decay)
-    warmup = int(cfg.optim.warmup_ratio * total_steps)
-
-    def make_scheduler(optimizer):
-        return build_lr_scheduler(optimizer, cfg.optim.schedule, total_steps=total_steps,
-                                  steps_per_epoch=steps_per_epoch, warmup_steps=warmup, gamma=cfg.optim.gamma,
-                                  epoch_starts=getattr(sampler, "epoch_starts", None))
-
-    if engine_builder is None:
-        try:
-            optimizer = build_adamw(groups, cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.fused)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        engine = LocalEngine(model, optimizer, make_scheduler(optimizer), cfg.optim.grad_clip)
-    else:
-        engine = engine_builder(model, groups, make_scheduler, cfg)
-        # an engine whose gradients live in shards (DeepSpeed ZeRO) supplies its own PCGrad
-        weighting = getattr(engine, "wrap_weighting", lambda w: w)(weighting)
-    shared_params = model.shared_parameters()
-    # weight averaging for evaluation (cfg.ema): θ̄ = θ now, so a ZeRO-3 run is refused before training
-    ema = ParameterEMA(cfg.ema, where="ema", warmup=True, dtype=torch.float32) if cfg.ema else None
-    if ema is not None:
-        ema.ensure(model)
-    # with several ranks: agree on skipping, log the mean over ranks (identity for the local engine)
-    all_true = getattr(engine, "all_true", lambda flag: flag)
-    rank_mean = getattr(engine, "rank_mean", lambda values: values)
-    num_updates = getattr(weighting, "num_updates", 1)
-
-    # state that a resume restores -----------------------------------------------------------
-    start_step, best, nan_run, nan_total = 0, -math.inf, 0, 0
-    top: List[List[float]] = []  # [[dev overall, step], ...] of the models kept under top/ (cfg.save_top_k)
-    epoch_losses: Dict[str, List[float]] = {t: [] for t in names}
+        write_config(cfg)
+    regularizers = build.setup_regularizers(cfg)
+    losses = build.setup_losses(cfg.tasks)
+    data = build.setup_data(cfg.tasks, cfg.data, cfg.model, cfg.seed, rank, world_size, main_log)
+    build.setup_regularizer_data(regularizers, cfg.data, data.tokenizer, cfg.seed, rank, world_size, main_log)
+    sampler, total_steps = build.setup_sampler(cfg.schedule, data.train, cfg.seed, cfg.epochs, cfg.max_steps)
+    model, losses = build.setup_model(cfg, losses, device, log)
+    weighting = build.setup_weighting(cfg.weighting, cfg.tasks, cfg.seed)
+    engine, weighting = build.setup_engine(cfg, model, weighting, sampler, total_steps, engine_builder)
+    ema = build.setup_ema(cfg.ema, model)
+    state = TrainState(weighting, data.train, regularizers, sampler, ema)
     if resume:
-        client = engine.load_checkpoint(resume)
-        start_step, best = client["step"], client["best"]
-        top = [list(item) for item in client.get("top", [])]
-        nan_run, nan_total = client["nan_run"], client["nan_total"]
-        epoch_losses = client["epoch_losses"]
-        weighting.load_state_dict(client["weighting"])
-        for t, state in client["loaders"].items():
-            train_loaders[t].load_state_dict(state)
-        for t, states in client["regularizers"].items():
-            for reg, state in zip(regularizers[t], states):
-                reg.load_state_dict(state)
-        sampler.load_state_dict(client["sampler"])  # refuses a checkpoint of another schedule
-        if ema is not None:
-            if client.get("ema") is None:
-                raise ValueError(f"--resume: {resume} was saved without 'ema'; resume with the run's own config")
-            ema.load_state_dict(client["ema"])
-        set_rng_state(client["rng"])
-        log(f"resumed from {resume} at step {start_step} (best dev overall {best:.4f})")
-    iterators = {t: iter(loader) for t, loader in train_loaders.items()}
-
-    def next_batch(task):
-        try:
-            return next(iterators[task])
-        except StopIteration:  # the loader moved to its next epoch: smaller tasks restart
-            iterators[task] = iter(train_loaders[task])
-            return next(iterators[task])
-
-    def client_state(step):
-        return {
-            "step": step, "best": best, "top": top, "nan_run": nan_run, "nan_total": nan_total,
-            "epoch_losses": epoch_losses,
-            "weighting": weighting.state_dict(), "loaders": {t: l.state_dict() for t, l in train_loaders.items()},
-            "regularizers": {t: [r.state_dict() for r in regs] for t, regs in regularizers.items()},
-            "rng": rng_state(), "sampler": sampler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-        }
-
-    def run_eval(step):
-        # with cfg.ema the averaged weights are evaluated (and saved as best); training goes on from θ
-        with ema.swapped_in(model) if ema is not None else contextlib.nullcontext():
-            return evaluate_and_keep_best(step)
-
-    def evaluate_and_keep_best(step):
-        nonlocal best
-        metrics, outputs = evaluate(model, dev_loaders, device, cfg.autocast)
-        epoch = step / steps_per_epoch
-        if is_main:
-            for t in dev_loaders:
-                rec = {"step": step, "epoch": epoch, "split": "dev", "task": t, "overall": metrics["overall"]}
-                rec.update({k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(f"{t}/")})
-                append_jsonl(run_dir / "metrics.jsonl", rec)
-            log(f"step {step}: dev " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        new_best = metrics["overall"] > best
-        if new_best:
-            best = metrics["overall"]
-        in_top = bool(cfg.save_top_k) and keep_top_k(top, cfg.save_top_k, metrics["overall"], step)
-        if (new_best and cfg.save_best) or in_top:
-            # ZeRO-3 keeps parameters partitioned: every rank takes part in gathering them (once for both saves)
-            with getattr(engine, "full_parameters", contextlib.nullcontext)():
-                if is_main:
-                    info = {"step": step, "dev": metrics}
-                    if new_best and cfg.save_best:
-                        save_model_dir(run_dir / "best", model, cfg, tokenizer, info)
-                    if in_top:
-                        save_model_dir(run_dir / "top" / f"step-{step}", model, cfg, tokenizer, info)
-                        prune_top_k(run_dir / "top", top)
-        return metrics
-
-    # the loop ----------------------------------------------------------------------------------
-    progress = None
-    if is_main and not cfg.quiet:
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-    window = {"loss": {}, "examples": 0, "t0": time.perf_counter(), "terms": {}}
+        state.load_state_dict(engine.load_checkpoint(resume))
+        log(f"resumed from {resume} at step {state.step} (best dev overall {state.best:.4f})")
+    resumed_at = state.step if resume else None  # a resumed step already evaluated and saved
+    run = RunDir(cfg, data.tokenizer, engine, sampler.steps_per_epoch, total_steps, state.step, is_main, log)
+    batches = build.BatchStreams(data.train)  # after the resume: the loaders continue where they were saved
+    precision = functools.partial(autocast_context, cfg.autocast, device)
     metrics = {}
-    for step in range(start_step, total_steps):
-        # lr: the scheduler set this step's value at the previous engine.step()
+    for step in range(state.step, total_steps):
+        state.step = step
+        # lr: the scheduler set this step's value at the previous optimizer step
         lr = engine.lr
-        # eval / checkpoint
-        if step > 0 and not (resume and step == start_step):  # a resumed step already did this
+        # eval / checkpoint: every eval_every / save_every steps, else at each new epoch
+        if step > 0 and step != resumed_at:
             new_epoch = sampler.epoch_for_step(step) != sampler.epoch_for_step(step - 1)
-            due_eval = (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and new_epoch)
-            if due_eval and dev_loaders:
-                metrics = run_eval(step)
+            if data.dev and ((step % cfg.eval_every == 0) if cfg.eval_every else new_epoch):
+                metrics = run.evaluate(step, model, data.dev, state, ema)
             if new_epoch:
-                epoch = sampler.epoch_for_step(step)
-                means = rank_mean({t: float(np.mean(v)) for t, v in epoch_losses.items() if v})
-                weighting.end_epoch(epoch - 1, means, {k.split("/")[0]: v for k, v in metrics.items() if "/" in k})
-                epoch_losses = {t: [] for t in names}
-            due_save = (cfg.save_every and step % cfg.save_every == 0) or (not cfg.save_every and new_epoch)
-            if due_save:
-                engine.save_checkpoint(run_dir / "checkpoint", client_state(step)) if is_main or world_size > 1 else None
+                means = engine.rank_mean({t: float(np.mean(v)) for t, v in state.epoch_losses.items() if v})
+                weighting.end_epoch(sampler.epoch_for_step(step) - 1, means,
+                                    {k.split("/")[0]: v for k, v in metrics.items() if "/" in k})
+                state.epoch_losses = {t: [] for t in state.epoch_losses}
+            if (step % cfg.save_every == 0) if cfg.save_every else new_epoch:
+                engine.save_checkpoint(run.path / "checkpoint", state.state_dict())
         if stop_at_step is not None and step == stop_at_step:
             raise KeyboardInterrupt(f"stopped before step {step} (stop_at_step)")
-        # forward / backward (one batch per task this step, times grad_accum)
+        # forward / backward: one batch per task this step, grad_accum times (GSE: two updates on them)
         tasks = sampler.tasks_for_step(step)
-        micro_batches = [[next_batch(t).to(device) for t in tasks] for _ in range(cfg.optim.grad_accum)]
+        micro_batches = [[batches.next(t).to(device) for t in tasks] for _ in range(cfg.optim.grad_accum)]
         skipped = False
-        for update in range(num_updates):  # 1, or 2 for methods that take two updates per step (GSE)
-            for batches in micro_batches:
-                losses, terms_log = {}, {}
-                for batch in batches:
-                    t = batch.task
-                    with autocast_context(cfg.autocast, device):  # forward and losses; backward outside
-                        for reg in regularizers[t]:
-                            reg.before_forward(model, batch)
-                        output = model(batch)  # fp32 whatever the autocast (MultitaskModel.forward)
-                        loss = loss_fns[t](output, batch.labels)
-                        for reg in regularizers[t]:
-                            for name, term in reg(model, batch, output).items():
-                                loss = loss + term
-                                terms_log[f"{t}/{name}"] = float(term.detach())
-                    losses[t] = loss / cfg.optim.grad_accum
-                    if update == 0:
-                        window["examples"] += batch.size
-                if not all_true(all(bool(torch.isfinite(l.detach()).all()) for l in losses.values())):
-                    skipped = True
-                    break
-                weighting.backward(losses, shared_params, backward=engine.backward,
-                                   **({"update_index": update} if num_updates > 1 else {}))
-                if update == 0:
-                    for t, l in losses.items():
-                        window["loss"].setdefault(t, []).append(float(l.detach()) * cfg.optim.grad_accum)
-                        epoch_losses[t].append(float(l.detach()) * cfg.optim.grad_accum)
-                    for k, v in terms_log.items():
-                        window["terms"].setdefault(k, []).append(v)
-            # clip + step (a non-finite gradient norm also skips the step)
-            if skipped or not math.isfinite(engine.clip_grad_norm()):
+        for update in range(weighting.num_updates):
+            finite = train_step(model, micro_batches, losses, regularizers, weighting, engine, precision, update,
+                                state, run)
+            # clip: a non-finite loss or gradient norm skips the step
+            if not finite or not math.isfinite(engine.clip_grad_norm()):
                 skipped = True
                 break
+            # step
             engine.optimizer_step()
-        if skipped:
+        if skipped:  # the LR schedule still advances; nan_patience skipped steps in a row stop the run
             engine.skip_step()
-            nan_run += 1
-            nan_total += 1
-            log(f"warning: step {step}: non-finite loss or gradient in tasks {tasks}; step skipped "
-                f"({nan_run} in a row, {nan_total} in total)")
-            if is_main:
-                append_jsonl(run_dir / "metrics.jsonl", {"step": step, "split": "train", "event": "nonfinite_skip",
-                                                         "consecutive": nan_run, "total": nan_total})
-            if nan_run >= cfg.nan_patience:
-                raise TrainingError(f"stopping: {nan_run} consecutive steps had a non-finite loss or gradient "
+            state.nan_run, state.nan_total = state.nan_run + 1, state.nan_total + 1
+            run.log_skip(step, tasks, state.nan_run, state.nan_total)
+            if state.nan_run >= cfg.nan_patience:
+                raise TrainingError(f"stopping: {state.nan_run} consecutive steps had a non-finite loss or gradient "
                                     f"(nan_patience={cfg.nan_patience}); lower the learning rate or check the data")
             continue
-        nan_run = 0
-        for regs in regularizers.values():
-            for reg in regs:
-                reg.after_step(model)
+        state.nan_run = 0
+        for reg in (r for regs in regularizers.values() for r in regs):  # what follows the new weights
+            reg.after_step(model)
         if ema is not None:
             ema.update(model)
         # log
-        if progress is not None:
-            progress.update(1)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == total_steps:
-            elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-            rate = window["examples"] * world_size / elapsed
-            loss_means = rank_mean({t: float(np.mean(v)) for t, v in window["loss"].items()})
-            term_means = rank_mean({k: float(np.mean(v)) for k, v in window["terms"].items()})
-            if is_main:
-                for t in window["loss"]:
-                    rec = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "split": "train", "task": t,
-                           "loss": loss_means[t], "lr": lr, "examples_per_s": rate}
-                    rec.update({k.split("/", 1)[1]: v for k, v in term_means.items() if k.startswith(f"{t}/")})
-                    append_jsonl(run_dir / "metrics.jsonl", rec)
-                for regs in regularizers.values():
-                    for reg in regs:
-                        if reg.stats():
-                            append_jsonl(run_dir / "metrics.jsonl", {"step": step + 1, "split": "train", **reg.stats()})
-                summary = " ".join(f"{t}={v:.3f}" for t, v in loss_means.items())
-                if progress is not None:
-                    progress.set_postfix_str(f"{summary} lr={lr:.2e} {rate:.0f} ex/s")
-                elif cfg.quiet:
-                    log(f"step {step + 1}/{total_steps} loss {summary} lr={lr:.2e} {rate:.0f} ex/s")
-            window = {"loss": {}, "examples": 0, "t0": time.perf_counter(), "terms": {}}
-    if progress is not None:
-        progress.close()
+        run.log_step(step, lr, regularizers)
+    run.close()
 
-    # final evaluation, checkpoint, predictions, plots -----------------------------------------
-    if dev_loaders and total_steps > start_step:
-        metrics = run_eval(total_steps)
-    engine.save_checkpoint(run_dir / "checkpoint", client_state(total_steps)) if is_main or world_size > 1 else None
+    # final evaluation, checkpoint, predictions, plots
+    state.step = total_steps
+    if data.dev and total_steps > (resumed_at or 0):
+        metrics = run.evaluate(total_steps, model, data.dev, state, ema)
+    engine.save_checkpoint(run.path / "checkpoint", state.state_dict())
     if is_main:
-        finish_run(run_dir, model, cfg, tokenizer, datasets, device, log)
-    return {"best_overall": best, **metrics}
-
-
-def _task_losses(cfg: TrainConfig) -> Dict:
-    """Each task's main loss, ``loss(output, labels)``; embedding losses belong in ``aux_losses``."""
-    out = {}
-    for t in cfg.tasks:
-        try:
-            loss = build_loss(t.loss_name, **t.loss_options)
-        except ValueError as e:
-            raise ConfigError(f"tasks.{t.name}.loss: {e}") from None
-        if getattr(loss, "kind", "task") != "task":
-            raise ConfigError(f"tasks.{t.name}.loss: {t.loss_name!r} is an embedding loss; a task loss takes "
-                              f"(output, labels). Add it under tasks.{t.name}.aux_losses instead")
-        out[t.name] = loss
-    return out
-
-
-def _weighting_options(cfg: TrainConfig) -> Dict:
-    options = dict(cfg.weighting.options)
-    if cfg.weighting.name == "fixed" and "weights" not in options:
-        options["weights"] = {t.name: t.weight for t in cfg.tasks}
-    if cfg.weighting.name in ("pcgrad", "gse") and "seed" not in options:
-        options["seed"] = cfg.seed
-    if cfg.weighting.name in ("uncertainty", "dev_score") and "task_kinds" not in options:
-        options["task_kinds"] = {t.name: t.kind for t in cfg.tasks}
-    return options
-
-
-def finish_run(run_dir: Path, model, cfg, tokenizer, datasets, device, log) -> None:
-    """Predictions of the best model for dev and test files, and the plots."""
-    from .prediction_files import read_jsonl
-
-    best_dir = run_dir / "best"
-    if cfg.predict and best_dir.exists():
-        best_model, _, _ = load_model_dir(best_dir, device=device, attn_implementation=cfg.attn_implementation)
-        write_all_predictions(best_model, cfg, tokenizer, datasets, run_dir / "predictions", device)
-        log(f"predictions written to {run_dir / 'predictions'}")
-    records = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
-    if records:
-        plot_curves(records, run_dir / "curves.png")
-    if "sst" in [t.name for t in cfg.tasks] and datasets["sst"].get("dev") is not None and best_dir.exists():
-        best_model, _, _ = load_model_dir(best_dir, device=device, attn_implementation=cfg.attn_implementation)
-        task = cfg.task("sst")
-        collate = data_lib.make_collate(tokenizer, "sst", task.max_length)
-        result = predict(best_model, data_lib.TaskLoader(datasets["sst"]["dev"], 64, collate, shuffle=False), device,
-                         cfg.autocast)
-        cm = confusion_matrix(result["preds"], result["labels"], 5)
-        plot_confusion(cm, ["0", "1", "2", "3", "4"], run_dir / "sst_confusion.png")
-
-
-def predict_splits(model, cfg, tokenizer, datasets, splits=("dev", "test"), device="cpu") -> Dict[tuple, dict]:
-    """``{(task, split): predict() result}`` for every configured task and each split it has a file for."""
-    results = {}
-    for task in cfg.tasks:
-        collate = task.collate(tokenizer, evaluation=True)
-        for split in splits:
-            td = datasets[task.name].get(split)
-            if td is not None:
-                results[(task.name, split)] = predict(model, data_lib.TaskLoader(td, 64, collate, shuffle=False),
-                                                      device, cfg.autocast)
-    return results
-
-
-def write_results(results: Dict[tuple, dict], out_dir: Path) -> Dict[str, Path]:
-    """CS224N prediction files ``<task>-<split>-output.csv`` for ``{(task, split): result}``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return {f"{task}-{split}": write_predictions(out_dir / f"{task}-{split}-output.csv", task, r["ids"], r["preds"])
-            for (task, split), r in results.items()}
-
-
-def write_all_predictions(model, cfg, tokenizer, datasets, out_dir: Path, device) -> Dict[str, Path]:
-    return write_results(predict_splits(model, cfg, tokenizer, datasets, ("dev", "test"), device), out_dir)
+        finish_run(run.path, cfg, data.tokenizer, data.datasets, device, log)
+    return {"best_overall": state.best, **metrics}

@@ -34,6 +34,40 @@ HYBRID_DEFAULTS = {"head": "linear", "head_options": {}, "pooling": "cls", "max_
 
 
 @dataclass
+class SmartConfig:
+    """A ``smart:`` block: the global one (every task) or ``tasks.<name>.smart`` (one task's overrides).
+
+    The fields are the options of :class:`minbert.smart.SMART`, which checks their values; ``None``
+    means not given here (the global block's value, else SMART's default). ``enabled: false`` turns
+    SMART off (for one task, under a global block). :meth:`TrainConfig.smart_for` merges the two.
+    """
+
+    enabled: Optional[bool] = None  # None: true
+    lambda_s: Optional[float] = None
+    mu: Optional[float] = None
+    steps: Optional[int] = None
+    sigma: Optional[float] = None
+    step_size: Optional[float] = None
+    epsilon: Optional[float] = None
+    norm: Optional[str] = None
+    rule: Optional[str] = None
+    norm_level: Optional[str] = None
+    dropout: Optional[str] = None
+    beta: Optional[float] = None
+    layer: Optional[int] = None
+    noise: Optional[str] = None
+    r3f_distribution: Optional[str] = None
+
+    def given(self) -> Dict[str, Any]:
+        """The options this block sets, as written in YAML."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def options(self) -> Dict[str, Any]:
+        """The keyword arguments of :class:`minbert.smart.SMART` (every given option but ``enabled``)."""
+        return {k: v for k, v in self.given().items() if k != "enabled"}
+
+
+@dataclass
 class TaskConfig:
     """One task: files, encoding, head and loss (``name`` is a trainable task of :mod:`minbert.tasks`)."""
 
@@ -53,7 +87,7 @@ class TaskConfig:
     loss_options: Dict[str, Any] = field(default_factory=dict)
     weight: float = 1.0  # used by the "fixed" weighting
     aux_losses: List[Dict[str, Any]] = field(default_factory=list)  # e.g. [{name: simcse_unsup, weight: 0.1}]
-    smart: Optional[Dict[str, Any]] = None  # per-task SMART overrides (see minbert.smart)
+    smart: Optional[SmartConfig] = None  # per-task SMART overrides (see TrainConfig.smart_for)
     max_train_examples: Optional[int] = None  # subsample (seeded) for quick runs
     max_dev_examples: Optional[int] = None
     swap_pairs: bool = False  # augmentation (pair tasks): each epoch a seeded half of the pairs is swapped
@@ -224,7 +258,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
-    smart: Optional[Dict[str, Any]] = None  # SMART for all tasks (see minbert.smart); per-task in tasks.X.smart
+    smart: Optional[SmartConfig] = None  # SMART for all tasks (see minbert.smart); per-task in tasks.X.smart
     epochs: int = 1
     max_steps: Optional[int] = None  # stop early (quick runs, tests)
     eval_every: Optional[int] = None  # steps between dev evaluations; None = once per epoch
@@ -242,7 +276,7 @@ class TrainConfig:
     predict: bool = True  # write dev/test prediction files for the best model at the end
     ema: Optional[float] = None  # β of a moving average of the weights used for evaluation (e.g. 0.999)
     # mixed precision: null = fp32; "bf16" = torch.autocast(bfloat16) around every forward and loss
-    # (fp32 master weights and optimizer state; task outputs and losses in fp32). See minbert.train.autocast_context.
+    # (fp32 master weights and optimizer state; task outputs and losses in fp32). See minbert.evaluate.autocast_context.
     autocast: Optional[str] = None
 
     def validate(self) -> "TrainConfig":
@@ -292,8 +326,21 @@ class TrainConfig:
                 return t
         raise KeyError(name)
 
+    def smart_for(self, task: str) -> Optional[SmartConfig]:
+        """SMART's options for ``task``: the global ``smart:`` block overridden key by key by
+        ``tasks.<task>.smart``; None when neither is given or the result says ``enabled: false``."""
+        own = self.task(task).smart
+        if self.smart is None and own is None:
+            return None
+        merged = SmartConfig(**{**(self.smart.given() if self.smart else {}), **(own.given() if own else {})})
+        return None if merged.enabled is False else merged
+
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data for YAML; a ``smart:`` block keeps only the options it gives."""
+        out = dataclasses.asdict(self)
+        for data, block in [(out, self.smart)] + [(d, t.smart) for d, t in zip(out["tasks"], self.tasks)]:
+            data["smart"] = block.given() if block is not None else None
+        return out
 
 
 # --- building from dicts / YAML with validation -----------------------------------------------

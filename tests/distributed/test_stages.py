@@ -29,7 +29,7 @@ def test_stage_matches_single_process(ds_config, overrides, launch, recipe, tool
 def test_zero3_trains_saves_the_best_model_and_exports(launch, recipe, tools, tmp_path):
     """Stage 3 partitions the parameters: the best model and the export gather them first."""
     from minbert.distributed.checkpoint import consolidated_state_dict
-    from minbert.train import load_model_dir
+    from minbert.run_dir import load_model_dir
 
     tools.run_single(recipe(8), f"output_dir={tmp_path / 'single'}")
     run = tmp_path / "ds"

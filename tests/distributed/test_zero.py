@@ -133,7 +133,7 @@ def test_zero2_weight_average_evaluates_like_single_process(launch, recipe, tool
 def test_exported_model_reloads_with_identical_outputs(pcgrad_run, tiny_ckpt, tools):
     from minbert import BertModel
     from minbert.distributed.checkpoint import main as export_main
-    from minbert.train import load_model_dir
+    from minbert.run_dir import load_model_dir
 
     offline = pcgrad_run / "offline"
     assert export_main([str(pcgrad_run / "run" / "checkpoint"), str(offline)]) == 0

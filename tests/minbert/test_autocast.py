@@ -10,7 +10,9 @@ from minbert import BertModel, Tokenizer
 from minbert import data as data_lib
 from minbert.multitask import MultitaskModel
 from minbert.smart import SMART
-from minbert.train import autocast_context, load_model_dir, train
+from minbert.evaluate import autocast_context
+from minbert.run_dir import load_model_dir
+from minbert.train import train
 from minbert.train_config import ConfigError, TaskConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -91,3 +91,22 @@ def test_fused_adamw_is_the_same_update_and_is_chosen_where_supported():
     with pytest.raises(ValueError, match="optim.fused: true, but torch .* has no fused AdamW for parameters on"):
         build_adamw([{"params": [torch.nn.Parameter(torch.zeros(2, device="meta"))]}], 1e-3, (0.9, 0.999), 1e-8,
                     fused=True)
+
+
+def test_both_engines_implement_the_engine_interface():
+    from minbert.distributed.engine import DeepSpeedEngineAdapter
+    from minbert.engine import Engine, LocalEngine
+
+    assert Engine.__abstractmethods__ == {"backward", "clip_grad_norm", "optimizer_step", "skip_step", "lr",
+                                          "save_checkpoint", "load_checkpoint"}
+    for cls in (LocalEngine, DeepSpeedEngineAdapter):
+        assert issubclass(cls, Engine) and not cls.__abstractmethods__, cls
+    with pytest.raises(TypeError):
+        Engine()
+    engine = LocalEngine(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
+    assert engine.all_true(True) and not engine.all_true(False)
+    assert engine.rank_mean({"a": 1.0}) == {"a": 1.0}
+    weighting = object()
+    assert engine.wrap_weighting(weighting) is weighting
+    with engine.full_parameters():
+        pass

@@ -11,7 +11,8 @@ from minbert import data as data_lib
 from minbert.heads import HybridFeatures, HybridHead, PairFeatures, SentenceFeatures, build_head
 from minbert.losses import build_loss
 from minbert.multitask import MultitaskModel
-from minbert.train import load_model_dir, train
+from minbert.run_dir import load_model_dir
+from minbert.train import train
 from minbert.train_config import ConfigError, TaskConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]

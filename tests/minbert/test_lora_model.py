@@ -21,7 +21,7 @@ from minbert.lora import (
     lora_state_dict, merge_lora, merged_state_dict, read_adapter_config, save_adapters, unmerge_lora,
 )
 from minbert.lora import _resolve_layers
-from minbert.train import load_model_dir
+from minbert.run_dir import load_model_dir
 from minbert.train_config import load_config
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "train"

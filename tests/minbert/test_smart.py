@@ -13,7 +13,8 @@ from minbert import BertConfig, BertModel, Tokenizer, default_checkpoint
 from minbert import data as data_lib
 from minbert.multitask import MultitaskModel
 from minbert.smart import SMART
-from minbert.train import _task_regularizers, train
+from minbert.build import setup_regularizers
+from minbert.train import train
 from minbert.train_config import ConfigError, TaskConfig, load_config
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "train"
@@ -104,13 +105,41 @@ def test_unknown_option_and_config_errors():
     assert SMART(task="sst", sigma="1e-5").sigma == 1e-5
     cfg = load_config(None, ["smart={lambda_s: 2.0, mu: 0.5}", "tasks.sts.smart={lambda_s: 5.0, layer: 1}",
                              "tasks.quora.smart={enabled: false}"])
-    regs = _task_regularizers(cfg)
+    regs = setup_regularizers(cfg)
     sst, sts = regs["sst"][-1], regs["sts"][-1]
     assert (sst.lambda_s, sst.mu, sst.kind, sst.task) == (2.0, 0.5, "single_label_classification", "sst")
     assert (sts.lambda_s, sts.mu, sts.layer, sts.kind) == (5.0, 0.5, 1, "regression")
     assert not any(isinstance(r, SMART) for r in regs["quora"])
     with pytest.raises(ConfigError, match="option 'rule'"):
-        _task_regularizers(load_config(None, ["smart={rule: fgsm}"]))
+        setup_regularizers(load_config(None, ["smart={rule: fgsm}"]))
+
+
+def test_smart_for_merges_the_global_block_with_the_task_block():
+    from minbert.distributed.sharded import ZeRO3UnsupportedError, check_stage3_regularizers
+    from minbert.train_config import SmartConfig
+
+    assert {f.name for f in dataclasses.fields(SmartConfig)} == {"enabled", *SMART.OPTIONS}
+    cfg = load_config(None, ["smart={lambda_s: 2.0, mu: 0.5, sigma: 1e-5}", "tasks.sts.smart={lambda_s: 5, layer: 1}",
+                             "tasks.quora.smart={enabled: false}"])
+    assert cfg.smart_for("sst").options() == {"lambda_s": 2.0, "mu": 0.5, "sigma": 1e-5}
+    assert cfg.smart_for("sts").options() == {"lambda_s": 5.0, "mu": 0.5, "sigma": 1e-5, "layer": 1}
+    assert cfg.smart_for("quora") is None
+    # the saved config lists only the options a block gives, and reads back the same
+    assert cfg.to_dict()["smart"] == {"lambda_s": 2.0, "mu": 0.5, "sigma": 1e-5}
+    assert [t["smart"] for t in cfg.to_dict()["tasks"]] == [None, {"enabled": False}, {"lambda_s": 5.0, "layer": 1}]
+    assert load_config(None, ["smart={}"]).smart_for("sst") == SmartConfig()
+    assert load_config(None, []).smart_for("sst") is None
+    # on for a task only through its own block; off everywhere under a global enabled: false
+    only_sts = load_config(None, ["smart={enabled: false}", "tasks.sts.smart={enabled: true}"])
+    assert [only_sts.smart_for(t) is not None for t in ("sst", "quora", "sts")] == [False, False, True]
+    off = load_config(None, ["smart={enabled: false}", "tasks.sts.smart={mu: 0.5}"])
+    assert all(off.smart_for(t) is None for t in ("sst", "quora", "sts"))
+    # ZeRO-3's refusal asks the same question
+    check_stage3_regularizers(3, off)
+    with pytest.raises(ZeRO3UnsupportedError, match="smart is not supported"):
+        check_stage3_regularizers(3, only_sts)
+    with pytest.raises(ConfigError, match="smart.lamda_s"):
+        load_config(None, ["smart={lamda_s: 1.0}"])
 
 
 def test_layer_beyond_the_encoder_is_refused(tokenizer):
@@ -342,7 +371,7 @@ def test_tasks_share_one_teacher_updated_once_per_step(tokenizer):
     """One θ̃ for the model: every task's SMART with the same β shares it, its first task owns it,
     and the EMA is applied once per optimizer step however many tasks call after_step."""
     cfg = load_config(CONFIGS / "smarter.yaml", ["smart={mu: 1.0, beta: 0.5}", "tasks.sts.smart={beta: 0.9}"])
-    regs = _task_regularizers(cfg)
+    regs = setup_regularizers(cfg)
     sst, quora, sts = (regs[t][-1] for t in ("sst", "quora", "sts"))
     assert sst.momentum_teacher is quora.momentum_teacher and sst.owns_teacher and not quora.owns_teacher
     assert sts.momentum_teacher is not sst.momentum_teacher and sts.owns_teacher  # another β, its own θ̃

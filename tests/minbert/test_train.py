@@ -9,7 +9,8 @@ import torch
 
 from minbert import BertModel
 from minbert.cli import main
-from minbert.train import TrainingError, load_model_dir, train
+from minbert.run_dir import load_model_dir
+from minbert.train import TrainingError, train
 from minbert.train_config import ConfigError, load_config
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "train"
@@ -91,7 +92,7 @@ def test_resume_continues_the_same_run(tiny_checkpoint, tmp_path):
 
 
 def test_keep_top_k_ranks_by_overall_and_keeps_earlier_ties():
-    from minbert.train import keep_top_k
+    from minbert.run_dir import keep_top_k
 
     top = []
     assert [keep_top_k(top, 2, o, s) for o, s in [(0.5, 10), (0.7, 20), (0.6, 30), (0.6, 40), (0.8, 50)]] == \
@@ -178,7 +179,7 @@ def test_symmetric_eval_predicts_from_the_mean_of_both_orders(tiny_checkpoint):
     from minbert import Tokenizer
     from minbert import data as data_lib
     from minbert.multitask import MultitaskModel
-    from minbert.train import predict
+    from minbert.evaluate import predict
     from minbert.train_config import TaskConfig
 
     torch.manual_seed(0)
@@ -198,9 +199,9 @@ def test_symmetric_eval_predicts_from_the_mean_of_both_orders(tiny_checkpoint):
 
 
 def _nan_loss_after(monkeypatch, bad_steps):
-    import minbert.train as train_mod
+    import minbert.build as build_mod
 
-    real = train_mod.build_loss
+    real = build_mod.build_loss
     calls = {"n": 0}
 
     def build(name, **options):
@@ -213,7 +214,7 @@ def _nan_loss_after(monkeypatch, bad_steps):
 
         return wrapped
 
-    monkeypatch.setattr(train_mod, "build_loss", build)
+    monkeypatch.setattr(build_mod, "build_loss", build)
 
 
 def test_nan_loss_is_skipped_and_counted(tiny_checkpoint, tmp_path, monkeypatch):
