@@ -1,129 +1,16 @@
-r"""SMART: adversarial smoothness regularisation and momentum Bregman proximal point (MBPP).
+"""SMART: adversarial smoothness regularisation and momentum Bregman proximal point (MBPP).
+
+Jiang et al., ACL 2020: F(θ) = L(θ) + λ_s R_s(θ) + μ D_Breg(θ, θ̃), with
+R_s(θ) = 1/n Σ_i max_{‖δ_i‖ ≤ ε} ℓ_s(f(x_i + δ_i; θ), f(x_i; θ)) (the inner max by K projected
+ascent steps from δ₀ ~ N(0, σ²I)), D_Breg = 1/n Σ_i ℓ_s(f(x_i; θ), f(x_i; θ̃)) and the teacher
+θ̃ ← (1 − β) θ + β θ̃ after every optimizer step. ℓ_s is the symmetric KL (classification; the
+Bernoulli one for a binary logit) or the squared error (regression). ``noise="r3f"`` is R3F's one
+noisy pass instead of the ascent; ``layer=k`` perturbs the input of encoder layer k.
 
 Registered as the regularizer ``"smart"`` (see :mod:`minbert.regularizers`); the trainer builds
-one per task from the config's global ``smart:`` block merged with ``tasks.<name>.smart``.
-
-The objective (Jiang et al., *SMART: Robust and Efficient Fine-Tuning for Pre-trained Natural
-Language Models through Principled Regularized Optimization*, ACL 2020)
--------------------------------------------------------------------------------------------
-
-.. math::
-
-    F(θ) = L(θ) + λ_s R_s(θ) + μ D_{Breg}(θ, \tilde θ)
-
-    L(θ) = \frac1n \sum_i ℓ(f(x_i; θ), y_i)                                    (the task loss)
-
-    R_s(θ) = \frac1n \sum_i \max_{‖δ_i‖ ≤ ε} ℓ_s\big(f(x_i + δ_i; θ),\ f(x_i; θ)\big)
-
-    D_{Breg}(θ, \tilde θ) = \frac1n \sum_i ℓ_s\big(f(x_i; θ),\ f(x_i; \tilde θ)\big)
-
-    \tilde θ ← (1 - β)\, θ + β\, \tilde θ        (after every optimizer step; the "momentum" teacher)
-
-``x_i`` is the encoder input of sentence i (the embedding-layer output, or with ``layer=k`` the
-input of encoder layer k) exactly as the trainer's clean pass computed it -- after that pass's
-embedding dropout (and, for k > 0, its dropout in the layers below k) -- and δ_i a perturbation
-of it. ℓ_s is
-
-* classification: the symmetric KL between the softmax distributions,
-  ℓ_s(P, Q) = KL(P‖Q) + KL(Q‖P) (:func:`minbert.kernels.symmetric_kl.symmetric_kl`, stable when a probability
-  underflows);
-* binary (Quora, one logit z): the same on the two-class logits [0, z]
-  (:func:`minbert.kernels.symmetric_kl.binary_to_two_class_logits`), i.e. the Bernoulli symmetric KL;
-* regression (STS): the squared error ℓ_s(p, q) = (p - q)².
-
-The inner max (paper, Algorithm 1) is approximated by K ascent steps from δ₀ ~ N(0, σ²I):
-
-.. math::
-
-    g_k = ∇_δ\, ℓ_s\big(f(x + δ_k; θ),\ \mathrm{sg}[f(x; θ)]\big)
-
-    δ_{k+1} = \mathrm{update}(δ_k, g_k)        (the ``rule`` below, :func:`minbert.kernels.smart_perturb.smart_perturb_step`)
-
-and then R_s is evaluated at δ_K **with gradients to θ through both arguments** of ℓ_s (the
-perturbed output and the clean output, as the paper's R_s(θ) is written; δ_K itself is a
-constant). This costs nothing extra: the trainer's single backward already runs through the clean
-graph for the task loss. (Some public implementations stop the gradient through part of ℓ_s.)
-
-Update rules (``rule``; ‖·‖ is ``norm`` = ∞ or 2, per token or per sequence by ``norm_level``)
-
-* ``"projection"`` -- the paper's projected normalised ascent,
-  δ ← Π_{‖δ‖ ≤ ε}(δ + η g / ‖g‖): every step has length η and δ stays in the ε-ball
-  (for the ∞-norm the projection is the element-wise clamp to [-ε, ε]). As ε → 0, δ → 0 and
-  R_s → 0 (exactly 0 at ε = 0 with ``dropout="shared"``, or without dropout).
-* ``"mtdnn"`` -- mt-dnn's ``perturbation.py`` rule: δ ← (δ + η g) / (‖δ + η g‖ + ε). g is not
-  normalised, ε only guards the division and there is no ε-ball: δ comes out with unit norm per
-  token (∞-norm: every real token's largest |entry| ≈ 1) and is used as is, like mt-dnn does. It is
-  a much larger perturbation than ``projection``'s ε = 1e-5.
-
-The ascent loss sums ℓ_s over the batch (``reduction="sum"``), so g_i is the gradient of example
-i's own ℓ_s whatever the batch size (it matters for ``mtdnn``, where η weighs g against δ);
-R_s and D_Breg average over the batch (``"batchmean"``). Padded tokens are never perturbed: δ₀
-and every update are zero there.
-
-Dropout in the extra passes (``dropout``)
-
-* ``"eval"`` (default): the extra passes (ascent, adversarial, teacher) run with dropout off
-  (every module temporarily in eval mode, each module's mode restored after). It is the cheaper
-  choice (no random masks to draw in three extra forwards; on the CPU benchmark a no-grad forward
-  without dropout costs ~2/3 of one with dropout). R_s and D_Breg are
-  measured against the trainer's clean output, which had dropout, so they also penalise the gap
-  between the dropout and the no-dropout network (R_s > 0 at δ = 0, D_Breg > 0 at θ = θ̃) -- like
-  mt-dnn, whose adversarial passes draw fresh masks.
-* ``"shared"``: the perturbed passes (and the teacher's pass) use the same dropout masks as the
-  trainer's clean pass, so R_s is a pure smoothness term (R_s = 0 at δ = 0) and D_Breg = 0 at
-  θ = θ̃. The torch RNG state (CPU, and the batch's CUDA device) is recorded when the clean pass
-  enters the perturbed layer (once per sentence; at the start of the forward for the teacher)
-  and restored before the same point of each extra pass. Masks are then equal because the
-  forward draws its random numbers in the same order and with the same shapes from that point on
-  -- true for minbert's dropout and attention (the math path the CPU takes with autograd, and
-  torch's CPU SDPA that the no-grad teacher pass takes, draw the same attention-dropout mask; the
-  Triton attention's seed comes from the CPU generator); the tests check it bit for bit on the
-  CPU. Anything that draws randomness in another order breaks the equality (R_s and D_Breg then
-  also measure dropout noise). The generator is restored to
-  its state at the regularizer's entry afterwards, so SMART consumes none of the run's
-  randomness.
-
-Cheaper relatives
------------------
-
-* ``noise="r3f"`` -- R3F (Aghajanyan et al., *Better Fine-Tuning by Reducing Representational
-  Collapse*, 2020): L(θ) + λ_s ℓ_s(f(x + z; θ), f(x; θ)) with z ~ N(0, σ²I)
-  (``r3f_distribution="normal"``) or U(-σ, σ) (``"uniform"``); no ascent step, one extra forward.
-* ``layer=k`` -- perturb the input of encoder layer k instead of the embeddings. The trainer's
-  clean forward keeps that input (``model.capture_layer = k``), and the extra passes run only
-  layers ≥ k; the final perturbed pass starts from the kept activation (with its graph), so the
-  gradient still reaches every parameter, and the layers below k are computed once.
-
-Efficiency: the clean output f(x) is the trainer's (no recomputation), the ascent pass takes
-``torch.autograd.grad`` with respect to δ only (no parameter gradients are formed or
-accumulated), and the teacher's pass runs under ``no_grad`` with ``torch.func.functional_call``
-swapping in the teacher's tensors. The teacher holds only the trainable parameters
-(``requires_grad``), so with LoRA it costs only the adapters and the heads. There is one θ̃ for
-the model, as in the paper: the trainer calls :meth:`SMART.bind` with every regularizer of the
-run, and all tasks whose β is equal share one :class:`ParameterEMA` (a task configured with
-another β gets its own). Under ``torch.distributed`` (DeepSpeed ZeRO 0-2) each rank stores only
-its 1/N slice of θ̃ and all-gathers it for the teacher's pass. MBPP refuses DeepSpeed ZeRO
-stage 3, whose partitioned parameters cannot be copied whole.
-
-Non-finite values: if the δ-gradient or the ascent loss is NaN/Inf, or R_s / D_Breg is, that term
-is skipped for the step (a zero with no graph is returned), counted in :meth:`SMART.stats`, and
-nothing is raised; the weights are never touched by it.
-
-δ₀ and R3F's noise come from :func:`minbert.kernels.smart_noise.smart_noise` (in-kernel Philox) when the
-Triton path is taken (CUDA, or the CPU interpreter). On the CPU reference path they come from a
-``torch.Generator`` seeded with the same per-call seed (the reference Philox in plain torch is
-far too slow for a training step there). Seeds derive from the run's seed, the task name and a
-call counter, so runs are reproducible and resumable; the global RNG is not used.
-
-The teacher is created as θ̃ = θ at the first MBPP call of any task sharing it, updated once
-per optimizer step by its owner (the first of those tasks), and saved in the owner's
-:meth:`SMART.state_dict` (with the call counter that seeds δ₀), so a resumed run continues the
-same sequence. Its state is rank-local (each rank saves its own slice).
-
-Options (per task; defaults): ``lambda_s=1``, ``mu=1``, ``steps=1`` (K; 0 keeps δ₀),
-``sigma=1e-5``, ``step_size=1e-3`` (η), ``epsilon=1e-5`` (ε), ``norm="inf"|"l2"``,
-``rule="projection"|"mtdnn"``, ``norm_level="token"|"sequence"``, ``dropout="eval"|"shared"``,
-``beta=0.99``, ``layer=0``, ``noise="adversarial"|"r3f"``, ``r3f_distribution="normal"|"uniform"``.
+one per task from ``TrainConfig.smart_for(task)``. The derivation, the update rules, dropout in the
+extra passes, the teacher's sharing and sharding, non-finite handling and every option with its
+default are in docs/smart.md.
 """
 from __future__ import annotations
 
